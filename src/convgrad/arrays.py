@@ -1,0 +1,180 @@
+"""Which library an array comes from, and the zero-copy views the backends compute on.
+
+Only NumPy is imported here; CuPy and Numba arrays are recognised by their type's module,
+so that importing convgrad never imports a GPU library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .problem import ConvProblem
+
+
+def array_kind(value: Any, op: str = "convgrad", arg: str = "input") -> str:
+    """``"numpy"``, ``"cupy"`` or ``"numba"``; a TypeError for anything else."""
+    if isinstance(value, np.ndarray):
+        return "numpy"
+    module = type(value).__module__ or ""
+    if module.startswith("cupy"):
+        return "cupy"
+    if module.startswith("numba") and hasattr(value, "copy_to_host"):
+        return "numba"
+    if module.startswith("torch"):
+        raise TypeError(
+            f"{op}: {arg} is a torch.Tensor; use convgrad.torch (its functions and modules take tensors)"
+        )
+    raise TypeError(f"{op}: {arg} must be a NumPy, CuPy or Numba device array, got {type(value).__name__}")
+
+
+def device_of(value: Any, kind: str) -> int | None:
+    """The CUDA device id holding a device array, None for host arrays."""
+    if kind == "cupy":
+        return int(value.device.id)
+    if kind == "numba":
+        try:
+            from numba import cuda
+
+            return int(cuda.get_current_device().id)
+        except Exception:  # the simulator has a single fake device
+            return 0
+    return None
+
+
+def check_same_library(op: str, **arrays: Any) -> str:
+    """The common array kind of the given arrays; TypeError if they mix libraries or devices."""
+    kinds = {arg: array_kind(a, op, arg) for arg, a in arrays.items() if a is not None}
+    first_arg, first = next(iter(kinds.items()))
+    for arg, kind in kinds.items():
+        if kind != first:
+            raise TypeError(f"{op}: {arg} is a {kind} array but {first_arg} is a {first} array; they must match")
+    devices = {arg: device_of(arrays[arg], kinds[arg]) for arg in kinds}
+    first_device = devices[first_arg]
+    for arg, device in devices.items():
+        if device != first_device:
+            raise ValueError(f"{op}: {arg} is on device {device} but {first_arg} is on device {first_device}")
+    return first
+
+
+def _xp(kind: str) -> Any:
+    if kind == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def empty(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> Any:
+    """An uninitialised C-contiguous array of ``kind`` (on ``like``'s device)."""
+    if kind == "numpy":
+        return np.empty(shape, dtype)
+    if kind == "cupy":
+        import cupy
+
+        with like.device if like is not None else cupy.cuda.Device():
+            return cupy.empty(shape, dtype)
+    if kind == "numba":
+        from numba import cuda
+
+        return cuda.device_array(shape, dtype)
+    raise TypeError(f"cannot allocate a {kind} array")
+
+
+def zeros(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> Any:
+    out = empty(kind, shape, dtype, like)
+    fill(kind, out, 0)
+    return out
+
+
+def fill(kind: str, array: Any, value: float) -> None:
+    if kind == "numba":
+        # Numba device arrays have no fill; outputs allocated here are contiguous.
+        array.copy_to_device(np.full(array.shape, value, array.dtype))
+    else:
+        array[...] = value
+
+
+def element_strides(array: Any) -> tuple[int, ...]:
+    itemsize = array.dtype.itemsize
+    for s in array.strides:
+        if s % itemsize:
+            raise ValueError(f"array strides {array.strides} are not multiples of its itemsize {itemsize}")
+    return tuple(s // itemsize for s in array.strides)
+
+
+def _permuted(array: Any, kind: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    """A view of ``array`` with the given shape and byte strides (same memory)."""
+    if kind == "numpy":
+        return np.lib.stride_tricks.as_strided(array, shape=shape, strides=strides)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.ndarray(shape, array.dtype, array.data, strides=strides)
+    if kind == "numba":
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        return DeviceNDArray(shape, strides, array.dtype, stream=getattr(array, "stream", 0), gpu_data=array.gpu_data)
+    raise TypeError(kind)
+
+
+def logical_view(array: Any, kind: str, role: str, problem: ConvProblem) -> Any:
+    """The 5-D logical-order view of an array given in the caller's layout (no copy).
+
+    ``role`` is ``"x"`` / ``"y"`` (activations) or ``"w"`` (weights).  Unbatched
+    activations get N = 1, and 1-D/2-D problems get leading spatial axes of extent 1;
+    both new axes have stride 0, which no kernel ever steps along.
+    """
+    shape = tuple(array.shape)
+    strides = tuple(array.strides)
+    if role in ("x", "y") and not problem.batched:
+        shape, strides = (1, *shape), (0, *strides)
+    # Move channels to axis 1 for channels-last.
+    if problem.channels_last:
+        shape = (shape[0], shape[-1], *shape[1:-1])
+        strides = (strides[0], strides[-1], *strides[1:-1])
+    missing = 3 - problem.ndim
+    shape = (shape[0], shape[1], *([1] * missing), *shape[2:])
+    strides = (strides[0], strides[1], *([0] * missing), *strides[2:])
+    return _permuted(array, kind, shape, strides)
+
+
+def user_view_strides(view: Any) -> tuple[int, ...]:
+    """Element strides of a logical view, recorded in the problem for the kernels."""
+    return element_strides(view)
+
+
+def may_overlap(kind: str, a: Any, b: Any) -> bool:
+    """Whether two arrays may share memory (conservative for device arrays)."""
+    if kind == "numpy":
+        return bool(np.shares_memory(a, b, max_work=1_000_000)) if a.size and b.size else False
+    if kind == "cupy":
+        import cupy
+
+        return bool(cupy.shares_memory(a, b)) if a.size and b.size else False
+    if kind == "numba":
+        lo_a, hi_a = _extent(a)
+        lo_b, hi_b = _extent(b)
+        return a.size > 0 and b.size > 0 and lo_a < hi_b and lo_b < hi_a
+    return False
+
+
+def _extent(array: Any) -> tuple[int, int]:
+    base = array.__cuda_array_interface__["data"][0]
+    lo = base + sum(min(0, (n - 1) * s) for n, s in zip(array.shape, array.strides))
+    hi = base + sum(max(0, (n - 1) * s) for n, s in zip(array.shape, array.strides)) + array.dtype.itemsize
+    return lo, hi
+
+
+def has_internal_overlap(array: Any) -> bool:
+    """Whether two elements of the array share memory (e.g. a broadcast view)."""
+    if array.size <= 1:
+        return False
+    dims = sorted((abs(s), n) for n, s in zip(array.shape, array.strides) if n > 1)
+    span = array.dtype.itemsize
+    for stride, n in dims:
+        if stride < span:
+            return True
+        span = stride * (n - 1) + span
+    return False

@@ -1,0 +1,271 @@
+"""The ``numpy`` backend: im2col + BLAS GEMM on the CPU, chunked under a workspace cap.
+
+Per group, every pass is one GEMM over the index set of DESIGN §1 with the batch folded
+into the GEMM's long axis, so small spatial extents still give BLAS big matrices:
+
+    fprop:  Y  (K/G, n·Z·P·Q) = Wm (K/G, C/G·T·R·S) @ col (C/G·T·R·S, n·Z·P·Q)
+    dgrad:  dcol              = Wm.T @ dY, then col2im: add each tap's rows back in place
+    wgrad:  dWm               = dY @ col.T
+
+``col`` is im2col of the zero-padded input, built from ``sliding_window_view`` (one strided
+copy; Python loops run only over batch chunks, groups and kernel taps, never over output
+pixels).  Chunking keeps the temporaries (padded input, ``col``, the GEMM result) under
+the workspace cap (``CONVGRAD_WORKSPACE_MB``, default 256 MiB): first over the batch, and
+when one image's full im2col would not fit, over kernel taps as well, down to one tap at
+a time (shift-GEMM).  Depthwise convolutions skip the GEMM and multiply-add one tap at a
+time over all channels at once.
+
+16-bit inputs are widened to float32 while building ``col`` and the result is rounded
+once on store; float64 stays float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Iterator
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .. import options
+from ..problem import ConvProblem
+from .base import Backend
+
+
+def _accumulator(problem: ConvProblem) -> type:
+    return np.float64 if problem.dtype == "float64" else np.float32
+
+
+def _workspace_bytes() -> int:
+    return int(options.get("workspace_mb")) * 2**20
+
+
+class _Plan:
+    """Batch and tap chunking for one problem: temporaries stay under the workspace cap."""
+
+    def __init__(self, problem: ConvProblem, out_channels: int) -> None:
+        self.problem = problem
+        self.itemsize = np.dtype(_accumulator(problem)).itemsize
+        self.taps = list(itertools.product(*(range(k) for k in problem.kernel_size)))
+        spatial_out = math.prod(problem.output_size)
+        padded = math.prod(n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after))
+        cg = problem.C_per_group
+        cap = _workspace_bytes()
+        # Bytes one image needs: its padded input, one tap's rows of col, and the GEMM result.
+        per_image_fixed = self.itemsize * (cg * padded + out_channels * spatial_out)
+        per_image_tap = self.itemsize * cg * spatial_out
+        full_image = per_image_fixed + per_image_tap * len(self.taps)
+        if full_image <= cap:
+            self.batch = max(1, min(problem.N, cap // full_image))
+            self.tap_chunk = len(self.taps)
+        else:
+            self.batch = 1
+            self.tap_chunk = max(1, min(len(self.taps), (cap - per_image_fixed) // max(per_image_tap, 1)))
+
+    def batches(self) -> Iterator[slice]:
+        for start in range(0, self.problem.N, self.batch):
+            yield slice(start, min(start + self.batch, self.problem.N))
+
+    def tap_groups(self) -> Iterator[list[tuple[int, int, int]]]:
+        for start in range(0, len(self.taps), self.tap_chunk):
+            yield self.taps[start:start + self.tap_chunk]
+
+
+def _padded(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
+    """``x`` (n, c, D, H, W) zero-padded and in the accumulator dtype (no copy when neither is needed)."""
+    acc = _accumulator(problem)
+    if not any(problem.pad_before) and not any(problem.pad_after) and x.dtype == acc:
+        return x
+    spatial = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
+    out = np.zeros((x.shape[0], x.shape[1], *spatial), dtype=acc)
+    out[(slice(None), slice(None), *_interior(problem))] = x
+    return out
+
+
+def _interior(problem: ConvProblem) -> tuple[slice, ...]:
+    return tuple(slice(b, b + n) for b, n in zip(problem.pad_before, problem.input_size))
+
+
+def _tap_view(xpad: np.ndarray, problem: ConvProblem, tap: tuple[int, int, int]) -> np.ndarray:
+    """The (n, c, Z, P, Q) strided view of the padded input that kernel tap ``tap`` reads."""
+    index = tuple(
+        slice(k * d, k * d + s * (z - 1) + 1, s)
+        for k, d, s, z in zip(tap, problem.dilation, problem.stride, problem.output_size)
+    )
+    return xpad[(slice(None), slice(None), *index)]
+
+
+def _windows(xpad: np.ndarray, problem: ConvProblem) -> np.ndarray:
+    """All taps at once: an (n, c, Z, P, Q, T, R, S) view of the padded input."""
+    span = [d * (k - 1) + 1 for k, d in zip(problem.kernel_size, problem.dilation)]
+    view = sliding_window_view(xpad, span, axis=(2, 3, 4))
+    index = tuple(slice(0, s * (z - 1) + 1, s) for s, z in zip(problem.stride, problem.output_size))
+    index += tuple(slice(None, None, d) for d in problem.dilation)
+    return view[(slice(None), slice(None), *index)]
+
+
+def _im2col(xpad: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int]]) -> np.ndarray:
+    """col (c·len(taps), n·Z·P·Q): rows ordered (c, tap), columns (n, z, p, q)."""
+    n, c = xpad.shape[:2]
+    columns = n * math.prod(problem.output_size)
+    if len(taps) == math.prod(problem.kernel_size):
+        # (n, c, Z, P, Q, T, R, S) -> (c, T, R, S, n, Z, P, Q): one strided copy.
+        view = _windows(xpad, problem).transpose(1, 5, 6, 7, 0, 2, 3, 4)
+        if view.flags.c_contiguous or (problem.kernel_size == (1, 1, 1) and c * columns == view.size and False):
+            return view.reshape(c * len(taps), columns)
+        col = np.empty(view.shape, dtype=xpad.dtype)
+        np.copyto(col, view)
+        return col.reshape(c * len(taps), columns)
+    col = np.empty((c, len(taps), n, *problem.output_size), dtype=xpad.dtype)
+    for i, tap in enumerate(taps):
+        np.copyto(col[:, i], _tap_view(xpad, problem, tap).transpose(1, 0, 2, 3, 4))
+    return col.reshape(c * len(taps), columns)
+
+
+def _weight_matrix(w: np.ndarray, taps: list[tuple[int, int, int]], problem: ConvProblem) -> np.ndarray:
+    """Wm (K/G, C/G·len(taps)) in the accumulator dtype, columns ordered (c, tap) like col's rows."""
+    acc = _accumulator(problem)
+    if len(taps) == math.prod(problem.kernel_size):
+        return np.ascontiguousarray(w, dtype=acc).reshape(w.shape[0], -1)
+    picked = np.stack([w[(slice(None), slice(None), *tap)] for tap in taps], axis=2)
+    return np.ascontiguousarray(picked, dtype=acc).reshape(w.shape[0], -1)
+
+
+def _batch_last(a: np.ndarray, acc: type) -> np.ndarray:
+    """(n, k, Z, P, Q) -> (k, n·Z·P·Q) in ``acc``: the GEMM layout of an output (gradient)."""
+    n, k = a.shape[:2]
+    moved = np.empty((k, n, *a.shape[2:]), dtype=acc)
+    np.copyto(moved, a.transpose(1, 0, 2, 3, 4), casting="unsafe")
+    return moved.reshape(k, -1)
+
+
+def _store_batch_first(dst: np.ndarray, src: np.ndarray) -> None:
+    """Write a (k, n·Z·P·Q) GEMM result into ``dst`` (n, k, Z, P, Q), rounding once."""
+    n, k = dst.shape[:2]
+    src = src.reshape(k, n, *dst.shape[2:]).transpose(1, 0, 2, 3, 4)
+    np.copyto(dst, src, casting="unsafe")
+
+
+class NumpyBackend(Backend):
+    """im2col + BLAS on the CPU; always available."""
+
+    name = "numpy"
+    array_kinds = ("numpy",)
+
+    def available(self) -> bool:
+        return True
+
+    # -- fprop ---------------------------------------------------------------------------
+    def forward(self, x: np.ndarray, w: np.ndarray, bias: Any, problem: ConvProblem, out: np.ndarray) -> None:
+        acc = _accumulator(problem)
+        bias_acc = None if bias is None else np.asarray(bias, dtype=acc)
+        if problem.is_depthwise:
+            self._depthwise_forward(x, w, bias_acc, problem, out)
+            return
+        Cg, Kg = problem.C_per_group, problem.K_per_group
+        plan = _Plan(problem, Kg)
+        for g in range(problem.G):
+            cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
+            for batch in plan.batches():
+                xpad = _padded(x[batch, cs], problem)
+                y = None
+                for taps in plan.tap_groups():
+                    part = _weight_matrix(w[ks], taps, problem) @ _im2col(xpad, problem, taps)
+                    y = part if y is None else y.__iadd__(part)
+                if bias_acc is not None:
+                    y += bias_acc[ks, None]
+                _store_batch_first(out[batch, ks], y)
+
+    # -- dgrad ---------------------------------------------------------------------------
+    def grad_input(self, dy: np.ndarray, w: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
+        acc = _accumulator(problem)
+        if problem.is_depthwise:
+            self._depthwise_grad_input(dy, w, problem, out)
+            return
+        Cg, Kg = problem.C_per_group, problem.K_per_group
+        plan = _Plan(problem, Kg)
+        padded_shape = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
+        for g in range(problem.G):
+            cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
+            for batch in plan.batches():
+                dY = _batch_last(dy[batch, ks], acc)
+                nb = dY.shape[1] // math.prod(problem.output_size)
+                dxpad = np.zeros((nb, Cg, *padded_shape), dtype=acc)
+                for taps in plan.tap_groups():
+                    dcol = _weight_matrix(w[ks], taps, problem).T @ dY
+                    dcol = dcol.reshape(Cg, len(taps), nb, *problem.output_size)
+                    # col2im: each tap's rows go back to the input positions that tap read.
+                    for i, tap in enumerate(taps):
+                        _tap_view(dxpad, problem, tap).__iadd__(dcol[:, i].transpose(1, 0, 2, 3, 4))
+                np.copyto(out[batch, cs], dxpad[(slice(None), slice(None), *_interior(problem))], casting="unsafe")
+
+    # -- wgrad ---------------------------------------------------------------------------
+    def grad_weight(self, x: np.ndarray, dy: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
+        acc = _accumulator(problem)
+        if problem.is_depthwise:
+            self._depthwise_grad_weight(x, dy, problem, out)
+            return
+        Cg, Kg = problem.C_per_group, problem.K_per_group
+        plan = _Plan(problem, Kg)
+        taps_all = plan.taps
+        for g in range(problem.G):
+            cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
+            dw = np.zeros((Kg, Cg, len(taps_all)), dtype=acc)
+            for batch in plan.batches():
+                xpad = _padded(x[batch, cs], problem)
+                dY = _batch_last(dy[batch, ks], acc)
+                start = 0
+                for taps in plan.tap_groups():
+                    part = dY @ _im2col(xpad, problem, taps).T
+                    dw[:, :, start:start + len(taps)] += part.reshape(Kg, Cg, len(taps))
+                    start += len(taps)
+            np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")
+
+    # -- depthwise: one multiply-add per tap over all channels ---------------------------
+    @staticmethod
+    def _multiplier_views(problem: ConvProblem, a: np.ndarray) -> np.ndarray:
+        """(n, K, ...) -> (n, C, K/C, ...): output channel k = c·m + j belongs to input channel c."""
+        return a.reshape(a.shape[0], problem.C, problem.K_per_group, *a.shape[2:])
+
+    def _depthwise_forward(self, x, w, bias, problem, out) -> None:
+        acc = _accumulator(problem)
+        m = problem.K_per_group
+        wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
+        plan = _Plan(problem, problem.K)
+        for batch in plan.batches():
+            xpad = _padded(x[batch], problem)
+            y = np.zeros((xpad.shape[0], problem.C, m, *problem.output_size), dtype=acc)
+            for tap in plan.taps:
+                y += _tap_view(xpad, problem, tap)[:, :, None] * wm[(slice(None), slice(None), *tap)][None, :, :, None, None, None]
+            if bias is not None:
+                y += bias.reshape(1, problem.C, m, 1, 1, 1)
+            np.copyto(out[batch], y.reshape(y.shape[0], problem.K, *problem.output_size), casting="unsafe")
+
+    def _depthwise_grad_input(self, dy, w, problem, out) -> None:
+        acc = _accumulator(problem)
+        m = problem.K_per_group
+        wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
+        padded_shape = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
+        plan = _Plan(problem, problem.K)
+        for batch in plan.batches():
+            dyb = np.asarray(dy[batch], dtype=acc)
+            dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
+            dxpad = np.zeros((dyb.shape[0], problem.C, *padded_shape), dtype=acc)
+            for tap in plan.taps:
+                contribution = np.einsum("ncjzpq,cj->nczpq", dyb, wm[(slice(None), slice(None), *tap)])
+                _tap_view(dxpad, problem, tap).__iadd__(contribution)
+            np.copyto(out[batch], dxpad[(slice(None), slice(None), *_interior(problem))], casting="unsafe")
+
+    def _depthwise_grad_weight(self, x, dy, problem, out) -> None:
+        acc = _accumulator(problem)
+        m = problem.K_per_group
+        dw = np.zeros((problem.C, m, *problem.kernel_size), dtype=acc)
+        plan = _Plan(problem, problem.K)
+        for batch in plan.batches():
+            xpad = _padded(x[batch], problem)
+            dyb = np.asarray(dy[batch], dtype=acc)
+            dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
+            for tap in plan.taps:
+                dw[(slice(None), slice(None), *tap)] += np.einsum("nczpq,ncjzpq->cj", _tap_view(xpad, problem, tap), dyb)
+        np.copyto(out, dw.reshape(problem.K, 1, *problem.kernel_size), casting="unsafe")
