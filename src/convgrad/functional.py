@@ -101,11 +101,13 @@ def _run(
     inputs: dict[str, Any],
     bias: Any,
     out: Any,
+    arg_names: dict[str, str],
 ) -> Any:
     """Allocate or check ``out``, stage if needed, and run ``pass_``.
 
     ``inputs`` maps roles to arrays: fprop ``{"x", "w"}``, dgrad ``{"y", "w"}``,
-    wgrad ``{"x", "y"}``; the result has the remaining role.
+    wgrad ``{"x", "y"}``; the result has the remaining role.  ``arg_names`` maps roles
+    to the caller's argument names, for messages.
     """
     out_role = {"fprop": "y", "dgrad": "x", "wgrad": "w"}[pass_]
     out_shape = {"x": x_user_shape, "y": y_user_shape, "w": w_user_shape}[out_role](problem)
@@ -113,7 +115,8 @@ def _run(
     dtype = like.dtype
     chosen = select_backend(op, backend, kind, problem)
     if out is not None:
-        _check_out(op, out, kind, out_shape, dtype, {**inputs, "bias": bias})
+        named_inputs = {arg_names[role]: a for role, a in inputs.items()}
+        _check_out(op, out, kind, out_shape, dtype, {**named_inputs, "bias": bias})
     else:
         out = arrays.empty(kind, out_shape, dtype, like)
     if problem.is_empty or int(np.prod(out_shape)) == 0:
@@ -175,7 +178,8 @@ def _conv(op: str, ndim: int, input: Any, weight: Any, bias: Any, stride: Any, p
     problem = conv_problem(op, ndim, input.shape, weight.shape, stride, padding, dilation, groups, dtype=dtype,
                            channels_last=channels_last, **_options(deterministic, allow_tf32))
     _check_bias(op, bias, problem.K)
-    return _run(op, "fprop", problem, kind, backend, {"x": input, "w": weight}, bias, out)
+    return _run(op, "fprop", problem, kind, backend, {"x": input, "w": weight}, bias, out,
+                {"x": "input", "w": "weight"})
 
 
 def _conv_input(op: str, ndim: int, input_size: Any, weight: Any, grad_output: Any, stride: Any, padding: Any,
@@ -187,7 +191,8 @@ def _conv_input(op: str, ndim: int, input_size: Any, weight: Any, grad_output: A
     problem = conv_problem(op, ndim, size, weight.shape, stride, padding, dilation, groups, dtype=dtype,
                            channels_last=channels_last, y_shape=grad_output.shape, x_arg="input_size",
                            **_options(deterministic, allow_tf32))
-    return _run(op, "dgrad", problem, kind, backend, {"y": grad_output, "w": weight}, None, out)
+    return _run(op, "dgrad", problem, kind, backend, {"y": grad_output, "w": weight}, None, out,
+                {"y": "grad_output", "w": "weight"})
 
 
 def _conv_weight(op: str, ndim: int, input: Any, weight_size: Any, grad_output: Any, stride: Any, padding: Any,
@@ -199,7 +204,8 @@ def _conv_weight(op: str, ndim: int, input: Any, weight_size: Any, grad_output: 
     problem = conv_problem(op, ndim, input.shape, size, stride, padding, dilation, groups, dtype=dtype,
                            channels_last=channels_last, y_shape=grad_output.shape, w_arg="weight_size",
                            **_options(deterministic, allow_tf32))
-    return _run(op, "wgrad", problem, kind, backend, {"x": input, "y": grad_output}, None, out)
+    return _run(op, "wgrad", problem, kind, backend, {"x": input, "y": grad_output}, None, out,
+                {"x": "input", "y": "grad_output"})
 
 
 def _conv_transpose(op: str, ndim: int, input: Any, weight: Any, bias: Any, stride: Any, padding: Any,
@@ -211,7 +217,8 @@ def _conv_transpose(op: str, ndim: int, input: Any, weight: Any, bias: Any, stri
                                  dilation, dtype=dtype, channels_last=channels_last,
                                  **_options(deterministic, allow_tf32))
     _check_bias(op, bias, problem.C)
-    return _run(op, "dgrad", problem, kind, backend, {"y": input, "w": weight}, bias, out)
+    return _run(op, "dgrad", problem, kind, backend, {"y": input, "w": weight}, bias, out,
+                {"y": "input", "w": "weight"})
 
 
 def conv_bias_grad(grad_output: Any, *, channels_last: bool = False, backend: str | Backend | None = None) -> Any:

@@ -135,14 +135,19 @@ class ConvProblem:
             layout = layout[0] + layout[2:] + "c"
         x = "x".join(map(str, (self.N, self.C, *self.input_size[sp])))
         w = "x".join(map(str, (self.K, self.C_per_group, *self.kernel_size[sp])))
-        s = "x".join(map(str, dict.fromkeys(self.stride[sp])))
-        d = "x".join(map(str, dict.fromkeys(self.dilation[sp])))
+        s = _compact(self.stride[sp])
+        d = _compact(self.dilation[sp])
         pads = [(b, a) for b, a in zip(self.pad_before[sp], self.pad_after[sp])]
         if all(b == a for b, a in pads):
-            p = "x".join(map(str, dict.fromkeys(b for b, _ in pads)))
+            p = _compact([b for b, _ in pads])
         else:
             p = "x".join(f"{b}-{a}" for b, a in pads)
         return f"conv{self.ndim}d_{pass_}_{layout}_{x}_k{w}_s{s}_p{p}_d{d}_g{self.G}_{self.dtype}"
+
+
+def _compact(values: Sequence[int]) -> str:
+    """``3`` for (3, 3), ``1x2`` for (1, 2): one number when every axis agrees."""
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
 def _check_pass(pass_: str) -> None:
