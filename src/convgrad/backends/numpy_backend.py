@@ -5,6 +5,7 @@ into the GEMM's long axis, so small spatial extents still give BLAS big matrices
 
     fprop:  Y  (K/G, n·Z·P·Q) = Wm (K/G, C/G·T·R·S) @ col (C/G·T·R·S, n·Z·P·Q)
     dgrad:  dcol              = Wm.T @ dY, then col2im: add each tap's rows back in place
+            (with stride 1, instead the forward pass of dy with the flipped kernel)
     wgrad:  dWm               = dY @ col.T
 
 ``col`` is im2col of the zero-padded input, built from ``sliding_window_view`` (one strided
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -41,6 +43,11 @@ def _workspace_bytes() -> int:
     return int(options.get("workspace_mb")) * 2**20
 
 
+# Temporaries are sized for the last-level cache, not the cap: im2col written and read
+# back while still cached runs about twice as fast as one huge buffer.  The cap bounds it.
+_CHUNK_TARGET_BYTES = 16 * 2**20
+
+
 class _Plan:
     """Batch and tap chunking for one problem: temporaries stay under the workspace cap."""
 
@@ -57,7 +64,7 @@ class _Plan:
         per_image_tap = self.itemsize * cg * spatial_out
         full_image = per_image_fixed + per_image_tap * len(self.taps)
         if full_image <= cap:
-            self.batch = max(1, min(problem.N, cap // full_image))
+            self.batch = max(1, min(problem.N, min(cap, _CHUNK_TARGET_BYTES) // full_image))
             self.tap_chunk = len(self.taps)
         else:
             self.batch = 1
@@ -147,6 +154,30 @@ def _store_batch_first(dst: np.ndarray, src: np.ndarray) -> None:
     np.copyto(dst, src, casting="unsafe")
 
 
+def _full_convolution(problem: ConvProblem) -> ConvProblem | None:
+    """dgrad of a stride-1 problem restated as a forward convolution, or None.
+
+    With stride 1, dx[h] = sum over r of dy[h + pb - r·d] · w[r]: a convolution of dy,
+    padded by d·(R-1) - pb before and H - P + pb after, with the kernel flipped.  It is
+    None when that padding would be negative (padding wider than the kernel's reach).
+    """
+    if any(s != 1 for s in problem.stride):
+        return None
+    before = tuple(d * (k - 1) - b for d, k, b in zip(problem.dilation, problem.kernel_size, problem.pad_before))
+    after = tuple(h - p + b for h, p, b in zip(problem.input_size, problem.output_size, problem.pad_before))
+    if min(before + after) < 0:
+        return None
+    return replace(problem, C=problem.K, K=problem.C, input_size=problem.output_size, output_size=problem.input_size,
+                   pad_before=before, pad_after=after, x_strides=None, w_strides=None, y_strides=None)
+
+
+def _flipped_transposed(w: np.ndarray, problem: ConvProblem) -> np.ndarray:
+    """(K, C/G, T, R, S) -> (C, K/G, T, R, S): channels transposed within each group, taps flipped."""
+    G, Kg, Cg = problem.G, problem.K_per_group, problem.C_per_group
+    grouped = w.reshape(G, Kg, Cg, *problem.kernel_size).transpose(0, 2, 1, 3, 4, 5)[..., ::-1, ::-1, ::-1]
+    return np.ascontiguousarray(grouped).reshape(problem.C, Kg, *problem.kernel_size)
+
+
 class NumpyBackend(Backend):
     """im2col + BLAS on the CPU; always available."""
 
@@ -182,6 +213,11 @@ class NumpyBackend(Backend):
         acc = _accumulator(problem)
         if problem.is_depthwise:
             self._depthwise_grad_input(dy, w, problem, out)
+            return
+        full = _full_convolution(problem)
+        if full is not None:
+            # Stride 1: dx is the forward convolution of dy with the flipped, transposed kernel.
+            self.forward(dy, _flipped_transposed(w, problem), None, full, out)
             return
         Cg, Kg = problem.C_per_group, problem.K_per_group
         plan = _Plan(problem, Kg)
