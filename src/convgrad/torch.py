@@ -1,0 +1,771 @@
+"""PyTorch integration: convgrad's passes as differentiable custom ops, modules and ``patch()``.
+
+>>> import convgrad.torch
+>>> model = convgrad.torch.patch(model)      # every nn.ConvNd / ConvTransposeNd now runs on convgrad
+>>> loss = criterion(model(x), target); loss.backward()
+
+Operators (namespace ``convgrad``, one per kind, for 1-D/2-D/3-D alike):
+
+====================  ==========================================  ================================
+op                    computes                                    its backward uses
+====================  ==========================================  ================================
+``conv``              fprop ``y = conv(x, w) + b``                ``conv_input``, ``conv_weight``,
+                                                                  ``conv_bias_grad``
+``conv_input``        dgrad ``dx`` from ``dy`` and ``w``          ``conv_weight``, ``conv``
+``conv_weight``       wgrad ``dw`` from ``x`` and ``dy``          ``conv_input``, ``conv``
+``conv_transpose``    dgrad used as a layer, plus bias            ``conv``, ``conv_weight``,
+                                                                  ``conv_bias_grad``
+``conv_bias_grad``    ``dy`` summed over batch and space          ``expand``
+====================  ==========================================  ================================
+
+Each backward is built from the same ops, so gradients of gradients work.  The adjoint
+identity ``<conv(x, w), g> = <x, dgrad(g, w)> = <w, wgrad(x, g)>`` (DESIGN §1) gives every
+entry of that table: each op is linear in each of its tensor arguments, and the gradient
+with respect to one argument is the pass that moves the upstream gradient to its place.
+
+Data never leaves PyTorch's memory: CPU tensors reach the ``numpy`` backend as NumPy views
+(bfloat16 through ``ml_dtypes``), CUDA tensors reach ``cupy`` (else ``numba``) through
+DLPack / ``__cuda_array_interface__`` on PyTorch's current stream, with CuPy's temporary
+allocations routed through PyTorch's caching allocator.  Results are written into tensors
+that PyTorch allocates.  Tensors in ``torch.channels_last`` (``channels_last_3d``) memory
+format run channels-last, with no ``.contiguous()``, and give channels-last results.
+
+Flags follow PyTorch: ``torch.use_deterministic_algorithms(True)`` asks for the
+deterministic paths, ``torch.backends.cudnn.allow_tf32`` decides TF32 for float32 CUDA
+tensors, and under ``torch.autocast`` inputs are cast as ``nn.Conv2d``'s are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from convgrad import functional
+from convgrad.nn import transposed_as_conv
+from convgrad.problem import expand_param, normalize_padding
+
+__all__ = [
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "conv1d",
+    "conv1d_input",
+    "conv1d_weight",
+    "conv2d",
+    "conv2d_input",
+    "conv2d_weight",
+    "conv3d",
+    "conv3d_input",
+    "conv3d_weight",
+    "conv_bias_grad",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "patch",
+    "unpatch",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# Tensors as arrays: zero-copy views, on the right stream, allocations in PyTorch's allocator
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is in channels-last memory format (and not also plainly contiguous)."""
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+    return False
+
+
+def _channels_last(*tensors: Tensor) -> bool:
+    """The layout of a call: channels-last when any activation or weight is (as PyTorch's CPU/cuDNN convs)."""
+    return any(_is_channels_last(t) for t in tensors)
+
+
+def _empty(shape: Sequence[Any], like: Tensor, channels_last: bool) -> Tensor:
+    """A result tensor from PyTorch's allocator, in the call's layout."""
+    if channels_last and len(shape) in (4, 5):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _in_layout(t: Tensor, channels_last: bool) -> Tensor:
+    """(N, C, *spatial) -> (N, *spatial, C) for a channels-last call: a view, never a copy."""
+    return t.permute(0, *range(2, t.dim()), 1) if channels_last else t
+
+
+def _cpu_array(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        # NumPy has no bfloat16: reinterpret the same bytes as ml_dtypes.bfloat16.
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _cupy_allocate(size: int) -> Any:
+    """CuPy allocator that takes memory from PyTorch's caching allocator (graph-capture safe)."""
+    import cupy
+
+    buffer = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", cupy.cuda.Device().id))
+    # The tensor is the owner: the memory returns to PyTorch when CuPy drops the pointer.
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(buffer.data_ptr(), size, buffer), 0)
+
+
+class _Arrays:
+    """Views of tensors as arrays of the library a backend computes on, inside ``_arrays_for``."""
+
+    def __init__(self, library: str, stream: Any = None) -> None:
+        self.library = library
+        self.stream = stream
+
+    def __call__(self, t: Tensor | None) -> Any:
+        if t is None:
+            return None
+        if self.library == "numpy":
+            return _cpu_array(t)
+        t = t.detach()
+        if self.library == "cupy":
+            import cupy
+
+            try:
+                return cupy.from_dlpack(t)
+            except (TypeError, ValueError, RuntimeError, BufferError):
+                if t.dtype != torch.bfloat16:
+                    raise
+            # A CuPy that cannot import bfloat16 through DLPack: take the bits, then name the dtype.
+            import ml_dtypes
+
+            try:
+                return cupy.from_dlpack(t.view(torch.int16)).view(ml_dtypes.bfloat16)
+            except (TypeError, ValueError) as error:
+                raise TypeError("convgrad.torch: bfloat16 CUDA tensors need a CuPy with a bfloat16 dtype") from error
+        from numba import cuda
+
+        return cuda.as_cuda_array(t, sync=False).bind(self.stream)
+
+    def copy(self, dst: Tensor, src: Any) -> None:
+        """``dst[...] = src`` for a small result the functional API returned as a new array."""
+        view = self(dst)
+        if self.library == "numba":
+            view.copy_to_device(src, stream=self.stream)
+        else:
+            view[...] = src
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_importable() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _arrays_for(device: torch.device) -> Iterator[_Arrays]:
+    """Array views for tensors on ``device``, with PyTorch's current stream current for the call."""
+    if device.type == "cpu":
+        yield _Arrays("numpy")
+        return
+    if device.type != "cuda":
+        raise TypeError(f"convgrad.torch: tensors on {device.type} are not supported; use CPU or CUDA tensors")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+    # CuPy arrays whenever CuPy is there: the numba backend takes them too, on CuPy's current stream.
+    if _cupy_importable():
+        import cupy
+
+        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index), \
+                cupy.cuda.using_allocator(_cupy_allocate):
+            yield _Arrays("cupy")
+        return
+    from numba import cuda
+
+    with cuda.gpus[index]:
+        yield _Arrays("numba", cuda.external_stream(stream.cuda_stream))
+
+
+def _numerics(t: Tensor) -> dict[str, Any]:
+    """PyTorch's flags as convgrad options (None leaves convgrad's own setting)."""
+    deterministic = True if torch.are_deterministic_algorithms_enabled() else None
+    allow_tf32 = bool(torch.backends.cudnn.allow_tf32) if t.is_cuda and t.dtype == torch.float32 else None
+    return {"deterministic": deterministic, "allow_tf32": allow_tf32}
+
+
+def _pairs(before: Sequence[int], after: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(b), int(a)) for b, a in zip(before, after))
+
+
+def _conv_extent(size: Any, kernel: Any, stride: Any, dilation: Any, before: Any, after: Any) -> Any:
+    return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_output_shape(input: Tensor, weight: Tensor, stride: Sequence[int], pad_before: Sequence[int],
+                       pad_after: Sequence[int], dilation: Sequence[int]) -> list[Any]:
+    spatial = [
+        _conv_extent(*args)
+        for args in zip(input.shape[2:], weight.shape[2:], stride, dilation, pad_before, pad_after)
+    ]
+    if any(extent < 1 for extent in spatial):
+        raise ValueError(
+            f"convgrad.conv: the kernel {tuple(weight.shape[2:])} (dilation {tuple(dilation)}) is larger than the "
+            f"padded input {tuple(input.shape[2:])} (padding {tuple(pad_before)} before, {tuple(pad_after)} after)"
+        )
+    return [input.shape[0], weight.shape[0], *spatial]
+
+
+def _transpose_output_shape(input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                            output_padding: Sequence[int], dilation: Sequence[int], groups: int) -> list[Any]:
+    spatial = [
+        (n - 1) * s - 2 * p + d * (k - 1) + o + 1
+        for n, k, s, p, o, d in zip(input.shape[2:], weight.shape[2:], stride, padding, output_padding, dilation)
+    ]
+    return [input.shape[0], weight.shape[1] * groups, *spatial]
+
+
+# ----------------------------------------------------------------------------------------
+# The operators
+
+
+@torch.library.custom_op("convgrad::conv", mutates_args=())
+def _conv_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+             pad_before: Sequence[int], pad_after: Sequence[int], dilation: Sequence[int], groups: int,
+             backend: Optional[str]) -> Tensor:
+    """fprop on batched (N, C, *spatial) tensors; padding given as before/after per axis."""
+    ndim = input.dim() - 2
+    channels_last = _channels_last(input, weight)
+    out = _empty(_conv_output_shape(input, weight, stride, pad_before, pad_after, dilation), input, channels_last)
+    fprop = getattr(functional, f"conv{ndim}d")
+    with _arrays_for(input.device) as array:
+        fprop(array(_in_layout(input, channels_last)), array(_in_layout(weight, channels_last)), array(bias),
+              list(stride), _pairs(pad_before, pad_after), list(dilation), groups, channels_last=channels_last,
+              backend=backend, out=array(_in_layout(out, channels_last)), **_numerics(input))
+    return out
+
+
+@_conv_op.register_fake
+def _(input, weight, bias, stride, pad_before, pad_after, dilation, groups, backend):
+    shape = _conv_output_shape(input, weight, stride, pad_before, pad_after, dilation)
+    return _empty(shape, input, _channels_last(input, weight))
+
+
+@torch.library.custom_op("convgrad::conv_input", mutates_args=())
+def _conv_input_op(input_size: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Sequence[int],
+                   pad_before: Sequence[int], pad_after: Sequence[int], dilation: Sequence[int], groups: int,
+                   backend: Optional[str]) -> Tensor:
+    """dgrad: the gradient of ``conv`` with respect to its (batched) input of shape ``input_size``."""
+    ndim = grad_output.dim() - 2
+    channels_last = _channels_last(grad_output, weight)
+    out = _empty(input_size, grad_output, channels_last)
+    size = [out.shape[0], *out.shape[2:], out.shape[1]] if channels_last else list(out.shape)
+    dgrad = getattr(functional, f"conv{ndim}d_input")
+    with _arrays_for(grad_output.device) as array:
+        dgrad(size, array(_in_layout(weight, channels_last)), array(_in_layout(grad_output, channels_last)),
+              list(stride), _pairs(pad_before, pad_after), list(dilation), groups, channels_last=channels_last,
+              backend=backend, out=array(_in_layout(out, channels_last)), **_numerics(grad_output))
+    return out
+
+
+@_conv_input_op.register_fake
+def _(input_size, weight, grad_output, stride, pad_before, pad_after, dilation, groups, backend):
+    return _empty(input_size, grad_output, _channels_last(grad_output, weight))
+
+
+@torch.library.custom_op("convgrad::conv_weight", mutates_args=())
+def _conv_weight_op(input: Tensor, weight_size: Sequence[int], grad_output: Tensor, stride: Sequence[int],
+                    pad_before: Sequence[int], pad_after: Sequence[int], dilation: Sequence[int], groups: int,
+                    backend: Optional[str]) -> Tensor:
+    """wgrad: the gradient of ``conv`` with respect to its weight of shape ``weight_size``."""
+    ndim = input.dim() - 2
+    channels_last = _channels_last(input, grad_output)
+    out = _empty(weight_size, input, channels_last)
+    size = [out.shape[0], *out.shape[2:], out.shape[1]] if channels_last else list(out.shape)
+    wgrad = getattr(functional, f"conv{ndim}d_weight")
+    with _arrays_for(input.device) as array:
+        wgrad(array(_in_layout(input, channels_last)), size, array(_in_layout(grad_output, channels_last)),
+              list(stride), _pairs(pad_before, pad_after), list(dilation), groups, channels_last=channels_last,
+              backend=backend, out=array(_in_layout(out, channels_last)), **_numerics(input))
+    return out
+
+
+@_conv_weight_op.register_fake
+def _(input, weight_size, grad_output, stride, pad_before, pad_after, dilation, groups, backend):
+    return _empty(weight_size, input, _channels_last(input, grad_output))
+
+
+@torch.library.custom_op("convgrad::conv_transpose", mutates_args=())
+def _conv_transpose_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                       padding: Sequence[int], output_padding: Sequence[int], dilation: Sequence[int], groups: int,
+                       backend: Optional[str]) -> Tensor:
+    """Transposed convolution on batched tensors (dgrad used as a layer), plus bias."""
+    ndim = input.dim() - 2
+    channels_last = _channels_last(input, weight)
+    shape = _transpose_output_shape(input, weight, stride, padding, output_padding, dilation, groups)
+    out = _empty(shape, input, channels_last)
+    layer = getattr(functional, f"conv_transpose{ndim}d")
+    with _arrays_for(input.device) as array:
+        layer(array(_in_layout(input, channels_last)), array(_in_layout(weight, channels_last)), array(bias),
+              list(stride), list(padding), list(output_padding), groups, list(dilation),
+              channels_last=channels_last, backend=backend, out=array(_in_layout(out, channels_last)),
+              **_numerics(input))
+    return out
+
+
+@_conv_transpose_op.register_fake
+def _(input, weight, bias, stride, padding, output_padding, dilation, groups, backend):
+    shape = _transpose_output_shape(input, weight, stride, padding, output_padding, dilation, groups)
+    return _empty(shape, input, _channels_last(input, weight))
+
+
+@torch.library.custom_op("convgrad::conv_bias_grad", mutates_args=())
+def _conv_bias_grad_op(grad_output: Tensor, backend: Optional[str]) -> Tensor:
+    """The bias gradient: (N, K, *spatial) summed to (K,)."""
+    out = torch.empty(grad_output.shape[1], dtype=grad_output.dtype, device=grad_output.device)
+    with _arrays_for(grad_output.device) as array:
+        # Channel axis 1 of the logical view, whatever the strides: no layout flag needed.
+        array.copy(out, functional.conv_bias_grad(array(grad_output), backend=backend))
+    return out
+
+
+@_conv_bias_grad_op.register_fake
+def _(grad_output, backend):
+    return grad_output.new_empty(grad_output.shape[1])
+
+
+# ----------------------------------------------------------------------------------------
+# Their gradients, built from the same operators
+
+
+def _save_geometry(ctx: Any, stride: Any, pad_before: Any, pad_after: Any, dilation: Any, groups: Any,
+                   backend: Any) -> None:
+    ctx.geometry = (list(stride), list(pad_before), list(pad_after), list(dilation), groups, backend)
+
+
+_NO_GRAD_GEOMETRY = (None,) * 6
+
+
+def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, weight, bias, stride, pad_before, pad_after, dilation, groups, backend = inputs
+    ctx.save_for_backward(input, weight)
+    _save_geometry(ctx, stride, pad_before, pad_after, dilation, groups, backend)
+
+
+def _conv_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_input = _conv_input_op(list(input.shape), weight, grad, *ctx.geometry) if need_input else None
+    grad_weight = _conv_weight_op(input, list(weight.shape), grad, *ctx.geometry) if need_weight else None
+    grad_bias = _conv_bias_grad_op(grad, ctx.geometry[-1]) if need_bias else None
+    return (grad_input, grad_weight, grad_bias, *_NO_GRAD_GEOMETRY)
+
+
+def _conv_input_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input_size, weight, grad_output, stride, pad_before, pad_after, dilation, groups, backend = inputs
+    ctx.save_for_backward(weight, grad_output)
+    _save_geometry(ctx, stride, pad_before, pad_after, dilation, groups, backend)
+
+
+def _conv_input_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    # dgrad(g, w) is linear in w and in g: <dgrad(g, w), h> = <w, wgrad(h, g)> = <g, conv(h, w)>.
+    weight, grad_output = ctx.saved_tensors
+    need_weight, need_grad_output = ctx.needs_input_grad[1:3]
+    grad_weight = _conv_weight_op(grad, list(weight.shape), grad_output, *ctx.geometry) if need_weight else None
+    grad_grad_output = _conv_op(grad, weight, None, *ctx.geometry) if need_grad_output else None
+    return (None, grad_weight, grad_grad_output, *_NO_GRAD_GEOMETRY)
+
+
+def _conv_weight_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, weight_size, grad_output, stride, pad_before, pad_after, dilation, groups, backend = inputs
+    ctx.save_for_backward(input, grad_output)
+    _save_geometry(ctx, stride, pad_before, pad_after, dilation, groups, backend)
+
+
+def _conv_weight_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    # wgrad(x, g) is linear in x and in g: <wgrad(x, g), h> = <x, dgrad(g, h)> = <g, conv(x, h)>.
+    input, grad_output = ctx.saved_tensors
+    need_input, need_grad_output = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_input = _conv_input_op(list(input.shape), grad, grad_output, *ctx.geometry) if need_input else None
+    grad_grad_output = _conv_op(input, grad, None, *ctx.geometry) if need_grad_output else None
+    return (grad_input, None, grad_grad_output, *_NO_GRAD_GEOMETRY)
+
+
+def _conv_transpose_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, weight, bias, stride, padding, output_padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(input, weight)
+    pairs, crop = transposed_as_conv(list(padding), list(output_padding), len(padding))
+    ctx.geometry = (list(stride), [b for b, _ in pairs], [a for _, a in pairs], list(dilation), groups, backend)
+    ctx.crop = crop
+
+
+def _conv_transpose_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    # The layer is dgrad of conv(., w) padded (p, p - output_padding): its input gradient is
+    # that convolution's fprop, its weight gradient that convolution's wgrad with the roles
+    # of input and output gradient swapped.
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    cropped = grad
+    for axis, amount in enumerate(ctx.crop):
+        if amount:
+            cropped = cropped.narrow(2 + axis, 0, cropped.shape[2 + axis] - amount)
+    grad_input = _conv_op(cropped, weight, None, *ctx.geometry) if need_input else None
+    grad_weight = _conv_weight_op(cropped, list(weight.shape), input, *ctx.geometry) if need_weight else None
+    grad_bias = _conv_bias_grad_op(grad, ctx.geometry[-1]) if need_bias else None
+    return (grad_input, grad_weight, grad_bias, *_NO_GRAD_GEOMETRY)
+
+
+def _conv_bias_grad_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    ctx.shape = inputs[0].shape
+
+
+def _conv_bias_grad_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    # A sum's gradient is its upstream gradient broadcast back over the summed axes.
+    ones = [1] * (len(ctx.shape) - 2)
+    return grad.reshape(1, -1, *ones).expand(ctx.shape), None
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+_conv_input_op.register_autograd(_conv_input_backward, setup_context=_conv_input_setup)
+_conv_weight_op.register_autograd(_conv_weight_backward, setup_context=_conv_weight_setup)
+_conv_transpose_op.register_autograd(_conv_transpose_backward, setup_context=_conv_transpose_setup)
+_conv_bias_grad_op.register_autograd(_conv_bias_grad_backward, setup_context=_conv_bias_grad_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# Functions on tensors, with torch.nn.functional's and torch.nn.grad's signatures
+
+
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast as autocast casts a convolution's arguments: floating, non-float64 tensors to its dtype."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
+
+
+def _check_rank(op: str, arg: str, t: Tensor, ndim: int) -> bool:
+    """Whether ``t`` is batched; a ValueError unless it has ndim + 1 or ndim + 2 dimensions."""
+    if t.dim() not in (ndim + 1, ndim + 2):
+        raise ValueError(f"{op}: {arg} must be {ndim + 1}-D (unbatched) or {ndim + 2}-D (batched), got {t.dim()}-D")
+    return t.dim() == ndim + 2
+
+
+def _conv(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
+          groups: int, backend: str | None) -> Tensor:
+    op = f"conv{ndim}d"
+    batched = _check_rank(op, "input", input, ndim)
+    stride_ = expand_param(op, "stride", stride, ndim, 1)
+    dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
+    before, after = normalize_padding(op, padding, ndim, tuple(weight.shape[2:]), stride_, dilation_)
+    input, weight, bias = _autocast(input, weight, bias)
+    x = input if batched else input.unsqueeze(0)
+    y = _conv_op(x, weight, bias, list(stride_), list(before), list(after), list(dilation_), groups, backend)
+    return y if batched else y.squeeze(0)
+
+
+def _conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any,
+                    output_padding: Any, groups: int, dilation: Any, backend: str | None) -> Tensor:
+    op = f"conv_transpose{ndim}d"
+    batched = _check_rank(op, "input", input, ndim)
+    args = [expand_param(op, name, value, ndim, minimum) for name, value, minimum in
+            (("stride", stride, 1), ("padding", padding, 0), ("output_padding", output_padding, 0),
+             ("dilation", dilation, 1))]
+    input, weight, bias = _autocast(input, weight, bias)
+    x = input if batched else input.unsqueeze(0)
+    stride_, padding_, output_padding_, dilation_ = (list(a) for a in args)
+    y = _conv_transpose_op(x, weight, bias, stride_, padding_, output_padding_, dilation_, groups, backend)
+    return y if batched else y.squeeze(0)
+
+
+def _conv_input(ndim: int, input_size: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Any, padding: Any,
+                dilation: Any, groups: int, backend: str | None) -> Tensor:
+    op = f"conv{ndim}d_input"
+    batched = _check_rank(op, "grad_output", grad_output, ndim)
+    stride_ = expand_param(op, "stride", stride, ndim, 1)
+    dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
+    before, after = normalize_padding(op, padding, ndim, tuple(weight.shape[2:]), stride_, dilation_)
+    weight, grad_output = _autocast(weight, grad_output)
+    size = list(input_size) if batched else [1, *input_size]
+    g = grad_output if batched else grad_output.unsqueeze(0)
+    dx = _conv_input_op(size, weight, g, list(stride_), list(before), list(after), list(dilation_), groups, backend)
+    return dx if batched else dx.squeeze(0)
+
+
+def _conv_weight(ndim: int, input: Tensor, weight_size: Sequence[int], grad_output: Tensor, stride: Any, padding: Any,
+                 dilation: Any, groups: int, backend: str | None) -> Tensor:
+    op = f"conv{ndim}d_weight"
+    batched = _check_rank(op, "input", input, ndim)
+    stride_ = expand_param(op, "stride", stride, ndim, 1)
+    dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
+    before, after = normalize_padding(op, padding, ndim, tuple(weight_size[2:]), stride_, dilation_)
+    input, grad_output = _autocast(input, grad_output)
+    x = input if batched else input.unsqueeze(0)
+    g = grad_output if batched else grad_output.unsqueeze(0)
+    return _conv_weight_op(x, list(weight_size), g, list(stride_), list(before), list(after), list(dilation_), groups,
+                           backend)
+
+
+def conv_bias_grad(grad_output: Tensor, *, backend: str | None = None) -> Tensor:
+    """The bias gradient of a convolution: ``grad_output`` (N, K, *spatial) summed to (K,)."""
+    return _conv_bias_grad_op(grad_output, backend)
+
+
+_SHAPES = {1: "(N, C_in, W)", 2: "(N, C_in, H, W)", 3: "(N, C_in, D, H, W)"}
+_WEIGHTS = {1: "(C_out, C_in/groups, kW)", 2: "(C_out, C_in/groups, kH, kW)", 3: "(C_out, C_in/groups, kD, kH, kW)"}
+
+
+def _make(ndim: int) -> tuple[Any, Any, Any, Any]:
+    x = _SHAPES[ndim]
+
+    def conv(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+             dilation: Any = 1, groups: int = 1, *, backend: str | None = None) -> Tensor:
+        return _conv(ndim, input, weight, bias, stride, padding, dilation, groups, backend)
+
+    def conv_transpose(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+                       output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *,
+                       backend: str | None = None) -> Tensor:
+        return _conv_transpose(ndim, input, weight, bias, stride, padding, output_padding, groups, dilation, backend)
+
+    def conv_input(input_size: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Any = 1, padding: Any = 0,
+                   dilation: Any = 1, groups: int = 1, *, backend: str | None = None) -> Tensor:
+        return _conv_input(ndim, input_size, weight, grad_output, stride, padding, dilation, groups, backend)
+
+    def conv_weight(input: Tensor, weight_size: Sequence[int], grad_output: Tensor, stride: Any = 1, padding: Any = 0,
+                    dilation: Any = 1, groups: int = 1, *, backend: str | None = None) -> Tensor:
+        return _conv_weight(ndim, input, weight_size, grad_output, stride, padding, dilation, groups, backend)
+
+    w = _WEIGHTS[ndim]
+    common = f"""    stride, dilation : int or tuple of {ndim} ints
+    padding : int, tuple of {ndim} ints, tuple of {ndim} (before, after) pairs, 'same' or 'valid'
+    groups : int
+    backend : str, optional, keyword-only
+        A convgrad backend; by default the tensors' device decides (CPU: numpy, CUDA: cupy, else numba).
+"""
+    docs = {
+        conv: (f"conv{ndim}d", f"""{ndim}-D convolution, as ``torch.nn.functional.conv{ndim}d``; differentiable to any order.
+
+    Parameters
+    ----------
+    input : Tensor, {x} or unbatched
+    weight : Tensor, {w}
+    bias : Tensor, (C_out,), optional
+{common}
+    Returns
+    -------
+    Tensor, (N, C_out, *spatial_out), channels-last when the input or weight is
+    """),
+        conv_transpose: (f"conv_transpose{ndim}d", f"""{ndim}-D transposed convolution, as ``torch.nn.functional.conv_transpose{ndim}d``.
+
+    Parameters
+    ----------
+    input : Tensor, (N, C_in, *spatial) or unbatched
+    weight : Tensor, (C_in, C_out/groups, *kernel)
+    bias : Tensor, (C_out,), optional
+    stride, padding, output_padding, dilation : int or tuple of {ndim} ints
+    groups : int
+    backend : str, optional, keyword-only
+
+    Returns
+    -------
+    Tensor, (N, C_out, *spatial_out) with
+    spatial_out = (in - 1)·stride - 2·padding + dilation·(kernel - 1) + output_padding + 1
+    """),
+        conv_input: (f"conv{ndim}d_input", f"""The input gradient of conv{ndim}d, as ``torch.nn.grad.conv{ndim}d_input``.
+
+    Parameters
+    ----------
+    input_size : sequence of ints, the input's shape {x} (or unbatched)
+    weight : Tensor, {w}
+    grad_output : Tensor, (N, C_out, *spatial_out)
+{common}
+    Returns
+    -------
+    Tensor of shape ``input_size``
+    """),
+        conv_weight: (f"conv{ndim}d_weight", f"""The weight gradient of conv{ndim}d, as ``torch.nn.grad.conv{ndim}d_weight``.
+
+    Parameters
+    ----------
+    input : Tensor, {x} (or unbatched)
+    weight_size : sequence of ints, {w}
+    grad_output : Tensor, (N, C_out, *spatial_out)
+{common}
+    Returns
+    -------
+    Tensor of shape ``weight_size``
+    """),
+    }
+    for fn, (name, doc) in docs.items():
+        fn.__name__ = fn.__qualname__ = name
+        fn.__doc__ = doc
+    return conv, conv_transpose, conv_input, conv_weight
+
+
+conv1d, conv_transpose1d, conv1d_input, conv1d_weight = _make(1)
+conv2d, conv_transpose2d, conv2d_input, conv2d_weight = _make(2)
+conv3d, conv_transpose3d, conv3d_input, conv3d_weight = _make(3)
+
+
+# ----------------------------------------------------------------------------------------
+# Modules and patching
+
+
+class _ConvMixin:
+    """Replaces the convolution inside ``nn.ConvNd.forward``; padding modes as PyTorch does them."""
+
+    _ndim = 2
+    backend: Optional[str] = None
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        padding: Any = self.padding
+        if self.padding_mode != "zeros":
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return _conv(self._ndim, input, weight, bias, self.stride, padding, self.dilation, self.groups, self.backend)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        return text + (f", backend={self.backend!r}" if self.backend is not None else "")
+
+
+class _ConvTransposeMixin:
+    """Replaces ``nn.ConvTransposeNd.forward`` (PyTorch's output_size handling, convgrad's op)."""
+
+    _ndim = 2
+    backend: Optional[str] = None
+
+    def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError(f"only 'zeros' padding_mode is supported for {type(self).__name__}")
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            input, output_size, self.stride, self.padding, self.kernel_size, self._ndim, self.dilation)
+        return _conv_transpose(self._ndim, input, self.weight, self.bias, self.stride, self.padding, output_padding,
+                               self.groups, self.dilation, self.backend)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        return text + (f", backend={self.backend!r}" if self.backend is not None else "")
+
+
+class Conv1d(_ConvMixin, nn.Conv1d):
+    """``torch.nn.Conv1d`` computed by convgrad; same arguments plus ``backend=``."""
+
+    _ndim = 1
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class Conv2d(_ConvMixin, nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by convgrad; same arguments plus ``backend=``."""
+
+    _ndim = 2
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class Conv3d(_ConvMixin, nn.Conv3d):
+    """``torch.nn.Conv3d`` computed by convgrad; same arguments plus ``backend=``."""
+
+    _ndim = 3
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class ConvTranspose1d(_ConvTransposeMixin, nn.ConvTranspose1d):
+    """``torch.nn.ConvTranspose1d`` computed by convgrad; same arguments plus ``backend=``."""
+
+    _ndim = 1
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class ConvTranspose2d(_ConvTransposeMixin, nn.ConvTranspose2d):
+    """``torch.nn.ConvTranspose2d`` computed by convgrad; same arguments plus ``backend=``."""
+
+    _ndim = 2
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class ConvTranspose3d(_ConvTransposeMixin, nn.ConvTranspose3d):
+    """``torch.nn.ConvTranspose3d`` computed by convgrad; same arguments plus ``backend=``."""
+
+    _ndim = 3
+
+    def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+_PATCHED = {
+    nn.Conv1d: Conv1d,
+    nn.Conv2d: Conv2d,
+    nn.Conv3d: Conv3d,
+    nn.ConvTranspose1d: ConvTranspose1d,
+    nn.ConvTranspose2d: ConvTranspose2d,
+    nn.ConvTranspose3d: ConvTranspose3d,
+}
+_ORIGINAL = {patched: original for original, patched in _PATCHED.items()}
+
+
+def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Make every ``nn.ConvNd`` / ``nn.ConvTransposeNd`` in ``model`` run on convgrad, in place.
+
+    Each module changes class to convgrad's subclass and keeps its parameters (the same
+    ``Parameter`` objects, so an optimizer built before still works), buffers, hooks and
+    ``state_dict`` keys.  Modules of user-defined subclasses are left alone.  Patching a
+    patched model changes the backend.
+
+    Parameters
+    ----------
+    model : torch.nn.Module (itself a convolution, or containing some)
+    backend : str, optional
+        The convgrad backend for every patched layer; by default the tensors' device decides.
+
+    Returns
+    -------
+    The same ``model``.
+    """
+    for module in model.modules():
+        cls = type(module)
+        if cls in _PATCHED:
+            module.__class__ = _PATCHED[cls]
+        if type(module) in _ORIGINAL:
+            module.backend = backend
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: convgrad's convolution modules go back to their ``torch.nn`` classes, in place."""
+    for module in model.modules():
+        cls = type(module)
+        if cls in _ORIGINAL:
+            module.__class__ = _ORIGINAL[cls]
+            module.__dict__.pop("backend", None)
+    return model
