@@ -1,0 +1,3 @@
+// cuda_bf16.h for the host emulation: everything lives in the force-included cuda_host.h.
+#pragma once
+#include "cuda_host.h"

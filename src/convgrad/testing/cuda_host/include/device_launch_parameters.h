@@ -1,0 +1,3 @@
+// device_launch_parameters.h for the host emulation: everything lives in the force-included cuda_host.h.
+#pragma once
+#include "cuda_host.h"
