@@ -12,6 +12,7 @@ import argparse
 import numpy as np
 
 from . import arrays, backends
+from .kernel_source import add_compile_arguments, run_compile_check
 from .testing.cases import CASES, DTYPES, ConvCase, make_array
 from .testing.reference import reference_forward, reference_grad_input, reference_grad_weight
 from .testing.tolerance import tolerance
@@ -61,16 +62,12 @@ def check(backend_names: list[str], cases: list[ConvCase] | None = None) -> list
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", help="check only this backend (repeatable)")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile every CUDA C kernel instantiation through NVRTC instead (no GPU needed)")
-    parser.add_argument("--arch", default="sm_80,sm_90", help="architectures for --compile-only (comma-separated)")
+    add_compile_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.compile_only:
-        from .kernel_source import run_compile_check
-
-        return run_compile_check([a.strip() for a in args.arch.split(",") if a.strip()])
+        return run_compile_check(args)
     names = args.backend or backends.available()
     rows = check(names)
     print(f"{'backend':<10} {'pass':<6} {'dtype':<9} {'cases':>5}  {'worst error / tolerance':>24}  result")

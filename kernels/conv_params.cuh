@@ -1,0 +1,57 @@
+// conv_params.cuh: the one parameter struct every convgrad kernel takes by value.
+//
+// Every field is a 64-bit signed integer, so the struct has no padding and its layout is
+// the same under nvcc, NVRTC and the host compilers; convgrad.backends.cupy_backend
+// mirrors it field by field as a NumPy structured dtype (PARAM_FIELDS), and
+// tests/test_conv_params_layout.py compares the two with offsetof/sizeof.
+//
+// Letters follow DESIGN §1.  Logical tensors (element strides, any sign, any order):
+//   x: (N, C, D, H, W)      input, or the input gradient
+//   w: (K, C/G, T, R, S)    weight, or the weight gradient
+//   y: (N, K, Z, P, Q)      output, or the output gradient
+// 1-D and 2-D problems arrive with leading spatial extents of 1.
+#pragma once
+
+namespace convgrad {
+
+typedef long long index_t;
+
+struct ConvParams {
+  // The problem.
+  index_t N, C, K, G;
+  index_t Cg, Kg;            // channels per group: C / G and K / G
+  index_t in_size[3];        // D, H, W
+  index_t kernel_size[3];    // T, R, S
+  index_t out_size[3];       // Z, P, Q
+  index_t stride[3];
+  index_t dilation[3];
+  index_t pad[3];            // padding before each spatial axis (after-padding is implied)
+  index_t tap_step[3];       // stride / gcd(stride, dilation): distance between taps of one dgrad phase
+  index_t x_stride[5];       // element strides of x along N, C, D, H, W
+  index_t w_stride[5];       // element strides of w along K, C/G, T, R, S
+  index_t y_stride[5];       // element strides of y along N, K, Z, P, Q
+
+  // The launch plan (set by the planner for the kernel being launched).
+  index_t tiles_m;           // GEMM tiles along M
+  index_t tiles_n;           // GEMM tiles along N
+  index_t phases;            // dgrad stride phases (stride_d * stride_h * stride_w); 1 otherwise
+  index_t splits;            // split-K slices of the reduction (wgrad)
+  index_t split_len;         // reduction elements per slice
+  index_t ws_slice_stride;   // elements between two slices of the split-K workspace
+  index_t epilogue;          // EPILOGUE_STORE, EPILOGUE_WORKSPACE or EPILOGUE_ATOMIC
+  index_t has_bias;          // fprop: add bias[k] to every output of channel k
+  index_t a_kfast;           // GEMM A tile loaded with the reduction index fastest across threads
+  index_t b_kfast;           // GEMM B tile loaded with the reduction index fastest across threads
+  index_t a_vec;             // GEMM A tile loaded as vectors of contiguous channels (the fast path)
+  index_t channels_fastest;  // elementwise kernels: channel is the fastest-varying output index
+  index_t total;             // elementwise kernels: number of outputs
+};
+
+// How a kernel writes its result.
+enum : int {
+  EPILOGUE_STORE = 0,      // convert to the tensor's dtype and store at its strides
+  EPILOGUE_WORKSPACE = 1,  // store the partial sum of this split-K slice to the workspace
+  EPILOGUE_ATOMIC = 2,     // atomically add the partial sum to a zeroed workspace (not deterministic)
+};
+
+}  // namespace convgrad

@@ -1,0 +1,119 @@
+"""Every instantiation the ``cupy`` backend can launch compiles through NVRTC for sm_80 and sm_90.
+
+No GPU is needed: NVRTC comes from the ``nvidia-cuda-nvrtc`` wheel and the fp16/bf16 headers
+from ``nvidia-cuda-runtime``/``nvidia-cuda-cccl``.  The ptxas report (``-Xptxas=-v``) gives
+registers, shared memory and spills; a spill in a kernel that must not spill is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from convgrad import kernel_source
+from convgrad.backends.cupy_backend import launchable_kernels
+
+_REASON = kernel_source.nvrtc_available()
+needs_nvrtc = pytest.mark.skipif(_REASON is not None, reason=f"NVRTC unavailable: {_REASON}")
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return kernel_source.compile_check(ARCHS)
+
+
+@needs_nvrtc
+def test_every_launchable_instantiation_compiles_for_every_arch(rows: list[dict]) -> None:
+    failed = [f"{row['kernel']} ({row['arch']}): {row['error']}" for row in rows if not row["ok"]]
+    assert not failed, "\n".join(failed)
+    expected = {(spec.name, arch) for spec in launchable_kernels() for arch in ARCHS}
+    assert {(row["kernel"], row["arch"]) for row in rows} == expected
+    assert len(rows) == len(expected)
+
+
+@needs_nvrtc
+def test_report_has_resources(rows: list[dict]) -> None:
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    for row in rows:
+        assert 0 < row["registers"] <= 255, row
+        assert row["shared_bytes"] >= specs[row["kernel"]].dynamic_shared_bytes
+        assert row["shared_bytes"] <= 48 * 1024, "more than 48 KiB would need an opt-in launch attribute"
+        if not specs[row["kernel"]].may_spill:
+            assert row["spill_bytes"] == 0, row
+
+
+@needs_nvrtc
+def test_run_compile_check_prints_table_and_succeeds(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch, rows: list[dict]) -> None:
+    monkeypatch.setattr(kernel_source, "compile_check", lambda archs: [r for r in rows if r["arch"] in archs])
+    parser = argparse.ArgumentParser()
+    kernel_source.add_compile_arguments(parser)
+    status = kernel_source.run_compile_check(parser.parse_args(["--compile-only", "--arch", "sm_80,sm_90"]))
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "convgrad::fprop_gemm<float, 32, 32, 8, 4, 4>" in out and "sm_90" in out
+
+
+def test_run_compile_check_fails_on_an_error_row(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = {"kernel": "convgrad::k<float>", "source": "k.cu", "arch": "sm_80", "registers": 40, "shared_bytes": 0,
+           "spill_bytes": 64, "ok": False, "error": "64 bytes of register spills in a kernel that must not spill"}
+    monkeypatch.setattr(kernel_source, "compile_check", lambda archs: [bad])
+    status = kernel_source.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80"))
+    assert status == 1
+    assert "must not spill" in capsys.readouterr().out
+
+
+def test_bad_arch_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kernel_source.run_compile_check(argparse.Namespace(compile_only=True, arch="ampere")) == 2
+    assert "--arch" in capsys.readouterr().err
+
+
+def test_ptxas_report_parsing() -> None:
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1kPf' for 'sm_80'
+ptxas info    : Function properties for _Z1kPf
+ptxas         .     16 bytes stack frame, 12 bytes spill stores, 60 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 2048 bytes smem, 808 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z1gPd' for 'sm_80'
+ptxas info    : Function properties for _Z1gPd
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 28 registers, used 0 barriers, 800 bytes cmem[0]
+"""
+    report = kernel_source.parse_ptxas_report(log)
+    assert report["_Z1kPf"] == {"registers": 168, "static_shared": 2048, "stack": 16, "spill": 72}
+    assert report["_Z1gPd"] == {"registers": 28, "static_shared": 0, "stack": 0, "spill": 0}
+
+
+def test_cuda_headers_found_for_nvrtc() -> None:
+    if _REASON is not None:
+        pytest.skip(f"NVRTC unavailable: {_REASON}")
+    dirs = kernel_source.cuda_include_dirs()
+    assert any((d / "cuda_fp16.h").is_file() for d in dirs)
+    options = kernel_source.compile_options()
+    assert "-std=c++17" in options and f"-I{kernel_source.kernel_dir()}" in options
+
+
+def test_kernel_dir_search_order(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONVGRAD_KERNEL_DIR wins; without it the package's or the checkout's kernels/ is found."""
+    monkeypatch.delenv(kernel_source.KERNEL_DIR_ENV, raising=False)
+    default = kernel_source.kernel_dir()
+    assert (default / "conv_params.cuh").is_file() and (default / "implicit_gemm.cu").is_file()
+    monkeypatch.setenv(kernel_source.KERNEL_DIR_ENV, str(tmp_path))
+    assert kernel_source.kernel_dir() == tmp_path.resolve()
+    monkeypatch.setenv(kernel_source.KERNEL_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="CONVGRAD_KERNEL_DIR"):
+        kernel_source.kernel_dir()
+
+
+def test_every_kernel_source_documents_itself() -> None:
+    """Each .cu file opens with its formula, layouts, launch geometry and limits."""
+    root = kernel_source.kernel_dir()
+    for name in kernel_source.source_files():
+        if not name.endswith(".cu"):
+            continue
+        header = (root / name).read_text().split("#include")[0].lower()
+        for word in ("formula", "layout", "launch geometry", "limits"):
+            assert word in header, f"{name}: its header comment does not describe the {word}"
