@@ -113,6 +113,10 @@ def _permuted(array: Any, kind: str, shape: tuple[int, ...], strides: tuple[int,
 
         return cupy.ndarray(shape, array.dtype, array.data, strides=strides)
     if kind == "numba":
+        if _is_simulated(array):
+            # The simulator's arrays wrap a NumPy array; view that one and wrap it again.
+            view = np.lib.stride_tricks.as_strided(array._ary, shape=shape, strides=strides)
+            return type(array)(view, stream=getattr(array, "stream", 0))
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
         return DeviceNDArray(shape, strides, array.dtype, stream=getattr(array, "stream", 0), gpu_data=array.gpu_data)
@@ -154,10 +158,17 @@ def may_overlap(kind: str, a: Any, b: Any) -> bool:
 
         return bool(cupy.shares_memory(a, b)) if a.size and b.size else False
     if kind == "numba":
+        if _is_simulated(a) or _is_simulated(b):
+            return bool(np.shares_memory(a._ary, b._ary)) if a.size and b.size else False
         lo_a, hi_a = _extent(a)
         lo_b, hi_b = _extent(b)
         return a.size > 0 and b.size > 0 and lo_a < hi_b and lo_b < hi_a
     return False
+
+
+def _is_simulated(array: Any) -> bool:
+    """Whether a Numba array is one of the CUDA simulator's (a NumPy array in disguise)."""
+    return type(array).__module__.startswith("numba.cuda.simulator")
 
 
 def _extent(array: Any) -> tuple[int, int]:

@@ -234,6 +234,7 @@ def _spatial_and_channels(shape: Sequence[int], channels_last: bool) -> tuple[in
 
 def split_activation(op: str, arg: str, shape: Sequence[int], ndim: int, channels_last: bool) -> tuple[bool, int, int, list[int]]:
     """Split an activation shape into (batched, N, C, spatial)."""
+    shape = tuple(shape)  # some device arrays' shapes refuse negative indexes
     rank = len(shape)
     if rank == ndim + 2:
         channels, spatial = _spatial_and_channels(shape[1:], channels_last)
@@ -251,6 +252,7 @@ def split_weight(op: str, arg: str, shape: Sequence[int], ndim: int, channels_la
 
     The logical layout is (K, C/G, *kernel); channels-last is (K, *kernel, C/G).
     """
+    shape = tuple(shape)
     if len(shape) != ndim + 2:
         raise ValueError(f"{op}: {arg} must be {ndim + 2}-D, got {len(shape)}-D shape {tuple(shape)}")
     if channels_last:

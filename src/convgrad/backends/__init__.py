@@ -62,5 +62,6 @@ def available(*, include_emulated: bool = True) -> list[str]:
 register("numpy", "convgrad.backends.numpy_backend:NumpyBackend")
 register("cupy", "convgrad.backends.cupy_backend:CupyBackend")
 register("cupy-host", "convgrad.backends.cupy_backend:CupyHostBackend")
+register("numba", "convgrad.backends.numba_backend:NumbaBackend")
 
 __all__ = ["Backend", "available", "get", "register", "registered"]
