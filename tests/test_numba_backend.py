@@ -5,7 +5,7 @@ machine's cores, and never in this process (the simulator must be chosen before 
 first imported, and must not touch the other tests):
 
 * the shared suite (``tests/test_passes.py -m small``) on ``numba`` under the CUDA simulator;
-* this backend's own simulator cases (``tests/test_numba_simulator.py``);
+* this backend's own simulator cases (``tests/numba_simulator_cases.py``);
 * ``numba.cuda.compile_ptx`` of every kernel signature the backend can launch, for compute
   capability 8.0 and 9.0: the simulator does no type checking, so this is what shows that
   the kernels compile for a real GPU (libNVVM comes from the ``nvidia-nvvm`` wheel, found by
@@ -74,7 +74,7 @@ def _children() -> dict[str, tuple[list[str], dict[str, str]]]:
             _environment(simulator=True),
         ),
         "simulator_cases": (
-            [sys.executable, "-m", "pytest", str(TESTS / "test_numba_simulator.py"), *pytest_args],
+            [sys.executable, "-m", "pytest", str(TESTS / "numba_simulator_cases.py"), *pytest_args],
             _environment(simulator=True),
         ),
     }
