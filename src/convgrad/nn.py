@@ -29,6 +29,7 @@ Example
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -90,14 +91,16 @@ class Parameter:
         return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
 
 
-class Layer:
+class Layer(ABC):
     """Base class: ``forward``, ``backward``, ``parameters`` and ``to``."""
 
+    @abstractmethod
     def forward(self, x: Any) -> Any:
-        raise NotImplementedError
+        """The layer's output; keeps what ``backward`` needs."""
 
+    @abstractmethod
     def backward(self, grad_output: Any) -> Any:
-        raise NotImplementedError
+        """The gradient with respect to the input; fills the parameters' ``.grad``."""
 
     def __call__(self, x: Any) -> Any:
         return self.forward(x)

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import math
 import threading
+from abc import abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -619,14 +620,17 @@ class _KernelBackend(Backend):
         self._runner_lock = threading.Lock()
 
     # Array-library specifics, provided by the subclasses.
+    @abstractmethod
     def _make_runner(self) -> KernelRunner:
-        raise NotImplementedError
+        """The runner that compiles and launches this backend's kernels."""
 
+    @abstractmethod
     def _empty(self, elements: int, dtype: str, like: Any) -> Any:
-        raise NotImplementedError
+        """An uninitialised flat workspace on ``like``'s device."""
 
+    @abstractmethod
     def _zeros(self, elements: int, dtype: str, like: Any) -> Any:
-        raise NotImplementedError
+        """A zeroed flat workspace on ``like``'s device."""
 
     def _execute(self, plan: Plan, tensors: dict[str, Any], outputs: Sequence[str]) -> None:
         """Run the launches of ``plan`` on ``tensors``; ``outputs`` are the roles written."""
