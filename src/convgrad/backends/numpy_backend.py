@@ -46,6 +46,10 @@ def _workspace_bytes() -> int:
 # Temporaries are sized for the last-level cache, not the cap: im2col written and read
 # back while still cached runs about twice as fast as one huge buffer.  The cap bounds it.
 _CHUNK_TARGET_BYTES = 16 * 2**20
+# With this many output positions per image, one GEMM per image is already large enough
+# for BLAS, and it reads and writes NCHW images in place instead of transposing the batch
+# into the GEMM's columns and back.
+_PER_IMAGE_MIN_COLUMNS = 1024
 
 
 class _Plan:
@@ -63,6 +67,7 @@ class _Plan:
         per_image_fixed = self.itemsize * (cg * padded + out_channels * spatial_out)
         per_image_tap = self.itemsize * cg * spatial_out
         full_image = per_image_fixed + per_image_tap * len(self.taps)
+        self.per_image = spatial_out >= _PER_IMAGE_MIN_COLUMNS
         if full_image <= cap:
             self.batch = max(1, min(problem.N, min(cap, _CHUNK_TARGET_BYTES) // full_image))
             self.tap_chunk = len(self.taps)
@@ -112,22 +117,30 @@ def _windows(xpad: np.ndarray, problem: ConvProblem) -> np.ndarray:
     return view[(slice(None), slice(None), *index)]
 
 
-def _im2col(xpad: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int]]) -> np.ndarray:
-    """col (c·len(taps), n·Z·P·Q): rows ordered (c, tap), columns (n, z, p, q)."""
+def _im2col(xpad: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int]], *,
+            per_image: bool = False) -> np.ndarray:
+    """im2col of the padded input for ``taps``; rows ordered (c, tap).
+
+    Batch folded into the columns: (c·len(taps), n·Z·P·Q).  ``per_image``: one matrix per
+    image, (n, c·len(taps), Z·P·Q), a view without a copy for an unpadded 1×1 convolution.
+    """
     n, c = xpad.shape[:2]
-    columns = n * math.prod(problem.output_size)
+    spatial = math.prod(problem.output_size)
     if len(taps) == math.prod(problem.kernel_size):
-        # (n, c, Z, P, Q, T, R, S) -> (c, T, R, S, n, Z, P, Q): one strided copy.
-        view = _windows(xpad, problem).transpose(1, 5, 6, 7, 0, 2, 3, 4)
-        if view.flags.c_contiguous or (problem.kernel_size == (1, 1, 1) and c * columns == view.size and False):
-            return view.reshape(c * len(taps), columns)
-        col = np.empty(view.shape, dtype=xpad.dtype)
-        np.copyto(col, view)
-        return col.reshape(c * len(taps), columns)
-    col = np.empty((c, len(taps), n, *problem.output_size), dtype=xpad.dtype)
-    for i, tap in enumerate(taps):
-        np.copyto(col[:, i], _tap_view(xpad, problem, tap).transpose(1, 0, 2, 3, 4))
-    return col.reshape(c * len(taps), columns)
+        windows = _windows(xpad, problem)  # (n, c, Z, P, Q, T, R, S)
+        order = (0, 1, 5, 6, 7, 2, 3, 4) if per_image else (1, 5, 6, 7, 0, 2, 3, 4)
+        view = windows.transpose(order)
+        if not view.flags.c_contiguous:
+            view = view.copy()
+    else:
+        view = np.empty((n, c, len(taps), *problem.output_size) if per_image else
+                        (c, len(taps), n, *problem.output_size), dtype=xpad.dtype)
+        for i, tap in enumerate(taps):
+            source = _tap_view(xpad, problem, tap)
+            np.copyto(view[:, :, i] if per_image else view[:, i], source if per_image else source.transpose(1, 0, 2, 3, 4))
+    if per_image:
+        return view.reshape(n, c * len(taps), spatial)
+    return view.reshape(c * len(taps), n * spatial)
 
 
 def _weight_matrix(w: np.ndarray, taps: list[tuple[int, int, int]], problem: ConvProblem) -> np.ndarray:
@@ -202,11 +215,16 @@ class NumpyBackend(Backend):
                 xpad = _padded(x[batch, cs], problem)
                 y = None
                 for taps in plan.tap_groups():
-                    part = _weight_matrix(w[ks], taps, problem) @ _im2col(xpad, problem, taps)
+                    # per_image: (K/G, rows) @ (n, rows, Z·P·Q) -> (n, K/G, Z·P·Q), one GEMM per image.
+                    col = _im2col(xpad, problem, taps, per_image=plan.per_image)
+                    part = np.matmul(_weight_matrix(w[ks], taps, problem), col)
                     y = part if y is None else y.__iadd__(part)
                 if bias_acc is not None:
                     y += bias_acc[ks, None]
-                _store_batch_first(out[batch, ks], y)
+                if plan.per_image:
+                    np.copyto(out[batch, ks], y.reshape(out[batch, ks].shape), casting="unsafe")
+                else:
+                    _store_batch_first(out[batch, ks], y)
 
     # -- dgrad ---------------------------------------------------------------------------
     def grad_input(self, dy: np.ndarray, w: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
@@ -250,10 +268,18 @@ class NumpyBackend(Backend):
             dw = np.zeros((Kg, Cg, len(taps_all)), dtype=acc)
             for batch in plan.batches():
                 xpad = _padded(x[batch, cs], problem)
-                dY = _batch_last(dy[batch, ks], acc)
+                if plan.per_image:
+                    # (n, K/G, Z·P·Q) @ (n, Z·P·Q, rows), summed over the images.
+                    dY = np.ascontiguousarray(dy[batch, ks], dtype=acc).reshape(xpad.shape[0], Kg, -1)
+                else:
+                    dY = _batch_last(dy[batch, ks], acc)
                 start = 0
                 for taps in plan.tap_groups():
-                    part = dY @ _im2col(xpad, problem, taps).T
+                    col = _im2col(xpad, problem, taps, per_image=plan.per_image)
+                    if plan.per_image:
+                        part = np.matmul(dY, col.transpose(0, 2, 1)).sum(axis=0)
+                    else:
+                        part = dY @ col.T
                     dw[:, :, start:start + len(taps)] += part.reshape(Kg, Cg, len(taps))
                     start += len(taps)
             np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")
