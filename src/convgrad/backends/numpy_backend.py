@@ -49,7 +49,7 @@ _CHUNK_TARGET_BYTES = 16 * 2**20
 # With this many output positions per image, one GEMM per image is already large enough
 # for BLAS, and it reads and writes NCHW images in place instead of transposing the batch
 # into the GEMM's columns and back.
-_PER_IMAGE_MIN_COLUMNS = 1024
+_PER_IMAGE_MIN_COLUMNS = 512
 
 
 class _Plan:

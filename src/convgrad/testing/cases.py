@@ -103,7 +103,7 @@ CASES: tuple[ConvCase, ...] = (
     _c2(2, 3, 4, (7, 8), (3, 4), padding="same", dilation=(2, 1)),
     _c2(2, 3, 4, (7, 8), (3, 3), padding="valid"),
     _c2(2, 17, 33, (9, 9), (3, 3), padding=1, small=False),
-    _c2(2, 3, 4, (33, 34), (3, 3), stride=1, padding=1, small=False),  # over 1024 outputs per image
+    _c2(2, 3, 4, (33, 34), (3, 3), stride=1, padding=1, small=False),  # over 512 outputs per image: one GEMM per image
     ConvCase(1, 2, 3, 4, (17,), (5,), stride=2, padding=2),
     ConvCase(1, 2, 4, 4, (19,), (3,), padding=((3, 1),), dilation=3, groups=2),
     ConvCase(1, None, 2, 3, (9,), (2,), stride=3, channels_last=True),
