@@ -167,6 +167,12 @@ def _store_batch_first(dst: np.ndarray, src: np.ndarray) -> None:
     np.copyto(dst, src, casting="unsafe")
 
 
+def _is_pointwise(problem: ConvProblem) -> bool:
+    """A 1×1 convolution with stride 1 and no padding: a plain matrix product per image."""
+    return (problem.kernel_size == (1, 1, 1) and problem.stride == (1, 1, 1) and not any(problem.pad_before)
+            and not any(problem.pad_after) and problem.input_size == problem.output_size)
+
+
 def _full_convolution(problem: ConvProblem) -> ConvProblem | None:
     """dgrad of a stride-1 problem restated as a forward convolution, or None.
 
@@ -232,6 +238,9 @@ class NumpyBackend(Backend):
         if problem.is_depthwise:
             self._depthwise_grad_input(dy, w, problem, out)
             return
+        if _is_pointwise(problem):
+            self._pointwise_grad_input(dy, w, problem, out)
+            return
         full = _full_convolution(problem)
         if full is not None:
             # Stride 1: dx is the forward convolution of dy with the flipped, transposed kernel.
@@ -253,6 +262,19 @@ class NumpyBackend(Backend):
                     for i, tap in enumerate(taps):
                         _tap_view(dxpad, problem, tap).__iadd__(dcol[:, i].transpose(1, 0, 2, 3, 4))
                 np.copyto(out[batch, cs], dxpad[(slice(None), slice(None), *_interior(problem))], casting="unsafe")
+
+    def _pointwise_grad_input(self, dy: np.ndarray, w: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
+        """dx[n] (C/G, H·W) = Wm.T (C/G, K/G) @ dy[n] (K/G, H·W): no im2col, no flip, no transposes."""
+        acc = _accumulator(problem)
+        Cg, Kg = problem.C_per_group, problem.K_per_group
+        plan = _Plan(problem, Kg)
+        for g in range(problem.G):
+            cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
+            wt = np.asarray(w[ks], dtype=acc).reshape(Kg, Cg).T
+            for batch in plan.batches():
+                dyb = np.asarray(dy[batch, ks], dtype=acc)
+                dx = np.matmul(wt, dyb.reshape(dyb.shape[0], Kg, -1))
+                np.copyto(out[batch, cs], dx.reshape(out[batch, cs].shape), casting="unsafe")
 
     # -- wgrad ---------------------------------------------------------------------------
     def grad_weight(self, x: np.ndarray, dy: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
