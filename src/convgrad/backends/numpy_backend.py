@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -84,13 +85,36 @@ class _Plan:
             yield self.taps[start:start + self.tap_chunk]
 
 
+# Temporaries up to this size are kept per thread and reused by the next call.  Freshly
+# allocated large buffers come from mmap, and their first touch page-faults page by page:
+# that alone made the same layer up to 40% slower depending on allocation history.
+_SCRATCH_KEEP_BYTES = 64 * 2**20
+_scratch_buffers = threading.local()
+
+
+def _scratch(role: str, shape: tuple[int, ...], dtype: Any, *, zero: bool = False) -> np.ndarray:
+    """An uninitialised (or zeroed) temporary for ``role``, valid until the next request for that role."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > _SCRATCH_KEEP_BYTES:
+        return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+    buffers = _scratch_buffers.__dict__
+    buffer = buffers.get(role)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = buffers[role] = np.empty(max(nbytes, 1), np.uint8)
+    array = buffer[:nbytes].view(dtype).reshape(shape)
+    if zero:
+        array.fill(0)
+    return array
+
+
 def _padded(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
     """``x`` (n, c, D, H, W) zero-padded and in the accumulator dtype (no copy when neither is needed)."""
     acc = _accumulator(problem)
     if not any(problem.pad_before) and not any(problem.pad_after) and x.dtype == acc:
         return x
     spatial = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
-    out = np.zeros((x.shape[0], x.shape[1], *spatial), dtype=acc)
+    out = _scratch("pad", (x.shape[0], x.shape[1], *spatial), acc, zero=True)
     out[(slice(None), slice(None), *_interior(problem))] = x
     return out
 
@@ -131,10 +155,12 @@ def _im2col(xpad: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, i
         order = (0, 1, 5, 6, 7, 2, 3, 4) if per_image else (1, 5, 6, 7, 0, 2, 3, 4)
         view = windows.transpose(order)
         if not view.flags.c_contiguous:
-            view = view.copy()
+            col = _scratch("col", view.shape, xpad.dtype)
+            np.copyto(col, view)
+            view = col
     else:
-        view = np.empty((n, c, len(taps), *problem.output_size) if per_image else
-                        (c, len(taps), n, *problem.output_size), dtype=xpad.dtype)
+        view = _scratch("col", (n, c, len(taps), *problem.output_size) if per_image else
+                        (c, len(taps), n, *problem.output_size), xpad.dtype)
         for i, tap in enumerate(taps):
             source = _tap_view(xpad, problem, tap)
             np.copyto(view[:, :, i] if per_image else view[:, i], source if per_image else source.transpose(1, 0, 2, 3, 4))
@@ -155,7 +181,7 @@ def _weight_matrix(w: np.ndarray, taps: list[tuple[int, int, int]], problem: Con
 def _batch_last(a: np.ndarray, acc: type) -> np.ndarray:
     """(n, k, Z, P, Q) -> (k, n·Z·P·Q) in ``acc``: the GEMM layout of an output (gradient)."""
     n, k = a.shape[:2]
-    moved = np.empty((k, n, *a.shape[2:]), dtype=acc)
+    moved = _scratch("dy", (k, n, *a.shape[2:]), acc)
     np.copyto(moved, a.transpose(1, 0, 2, 3, 4), casting="unsafe")
     return moved.reshape(k, -1)
 
@@ -223,8 +249,12 @@ class NumpyBackend(Backend):
                 for taps in plan.tap_groups():
                     # per_image: (K/G, rows) @ (n, rows, Z·P·Q) -> (n, K/G, Z·P·Q), one GEMM per image.
                     col = _im2col(xpad, problem, taps, per_image=plan.per_image)
-                    part = np.matmul(_weight_matrix(w[ks], taps, problem), col)
-                    y = part if y is None else y.__iadd__(part)
+                    wm = _weight_matrix(w[ks], taps, problem)
+                    if y is None:
+                        shape = (col.shape[0], Kg, col.shape[2]) if plan.per_image else (Kg, col.shape[1])
+                        y = np.matmul(wm, col, out=_scratch("gemm", shape, acc))
+                    else:
+                        y += np.matmul(wm, col)
                 if bias_acc is not None:
                     y += bias_acc[ks, None]
                 if plan.per_image:
@@ -254,7 +284,7 @@ class NumpyBackend(Backend):
             for batch in plan.batches():
                 dY = _batch_last(dy[batch, ks], acc)
                 nb = dY.shape[1] // math.prod(problem.output_size)
-                dxpad = np.zeros((nb, Cg, *padded_shape), dtype=acc)
+                dxpad = _scratch("dxpad", (nb, Cg, *padded_shape), acc, zero=True)
                 for taps in plan.tap_groups():
                     dcol = _weight_matrix(w[ks], taps, problem).T @ dY
                     dcol = dcol.reshape(Cg, len(taps), nb, *problem.output_size)
