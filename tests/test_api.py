@@ -174,19 +174,20 @@ def test_numpy_backend_chunks_and_falls_back_to_shift_gemm_exactly() -> None:
         assert_close(result[:, :, None], expected, "float32", exact=True)
 
 
+@pytest.mark.parametrize("groups", [1, 64], ids=["dense", "depthwise"])
 @pytest.mark.parametrize("pass_", ["fprop", "dgrad", "wgrad"])
-def test_numpy_backend_peak_memory_stays_under_the_cap(pass_) -> None:
+def test_numpy_backend_peak_memory_stays_under_the_cap(pass_, groups) -> None:
     """tracemalloc sees NumPy's allocations: peak extra memory <= workspace cap + output."""
-    case = ConvCase(2, 8, 64, 64, (56, 56), (3, 3), padding=1)
+    case = ConvCase(2, 8, 64, 64, (56, 56), (3, 3), padding=1, groups=groups)
     rng = np.random.default_rng(6)
     x = make_array(rng, case.x_shape(), "float32", integer=False)
     w = make_array(rng, case.w_shape(), "float32", integer=False)
     g = make_array(rng, case.y_shape(), "float32", integer=False)
     cap_mb = 16
     calls = {
-        "fprop": (lambda: convgrad.conv2d(x, w, padding=1), g.nbytes),
-        "dgrad": (lambda: convgrad.conv2d_input(x.shape, w, g, padding=1), x.nbytes),
-        "wgrad": (lambda: convgrad.conv2d_weight(x, w.shape, g, padding=1), w.nbytes),
+        "fprop": (lambda: convgrad.conv2d(x, w, padding=1, groups=groups), g.nbytes),
+        "dgrad": (lambda: convgrad.conv2d_input(x.shape, w, g, padding=1, groups=groups), x.nbytes),
+        "wgrad": (lambda: convgrad.conv2d_weight(x, w.shape, g, padding=1, groups=groups), w.nbytes),
     }
     call, output_bytes = calls[pass_]
     # The unchunked im2col of this problem would need 8 * 576 * 3136 * 4 bytes = 58 MiB.

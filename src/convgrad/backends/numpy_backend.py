@@ -56,13 +56,13 @@ _PER_IMAGE_MIN_COLUMNS = 512
 class _Plan:
     """Batch and tap chunking for one problem: temporaries stay under the workspace cap."""
 
-    def __init__(self, problem: ConvProblem, out_channels: int) -> None:
+    def __init__(self, problem: ConvProblem, out_channels: int, in_channels: int | None = None) -> None:
         self.problem = problem
         self.itemsize = np.dtype(_accumulator(problem)).itemsize
         self.taps = list(itertools.product(*(range(k) for k in problem.kernel_size)))
         spatial_out = math.prod(problem.output_size)
         padded = math.prod(n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after))
-        cg = problem.C_per_group
+        cg = problem.C_per_group if in_channels is None else in_channels
         cap = _workspace_bytes()
         # Bytes one image needs: its padded input, one tap's rows of col, and the GEMM result.
         per_image_fixed = self.itemsize * (cg * padded + out_channels * spatial_out)
@@ -346,12 +346,16 @@ class NumpyBackend(Backend):
         acc = _accumulator(problem)
         m = problem.K_per_group
         wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
-        plan = _Plan(problem, problem.K)
+        plan = _Plan(problem, problem.K, problem.C)
         for batch in plan.batches():
             xpad = _padded(x[batch], problem)
-            y = np.zeros((xpad.shape[0], problem.C, m, *problem.output_size), dtype=acc)
+            shape = (xpad.shape[0], problem.C, m, *problem.output_size)
+            y = _scratch("gemm", shape, acc, zero=True)
+            product = _scratch("col", shape, acc)
             for tap in plan.taps:
-                y += _tap_view(xpad, problem, tap)[:, :, None] * wm[(slice(None), slice(None), *tap)][None, :, :, None, None, None]
+                np.multiply(_tap_view(xpad, problem, tap)[:, :, None],
+                            wm[(slice(None), slice(None), *tap)][None, :, :, None, None, None], out=product)
+                y += product
             if bias is not None:
                 y += bias.reshape(1, problem.C, m, 1, 1, 1)
             np.copyto(out[batch], y.reshape(y.shape[0], problem.K, *problem.output_size), casting="unsafe")
@@ -361,7 +365,7 @@ class NumpyBackend(Backend):
         m = problem.K_per_group
         wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
         padded_shape = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
-        plan = _Plan(problem, problem.K)
+        plan = _Plan(problem, problem.K, problem.C)
         for batch in plan.batches():
             dyb = np.asarray(dy[batch], dtype=acc)
             dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
@@ -375,7 +379,7 @@ class NumpyBackend(Backend):
         acc = _accumulator(problem)
         m = problem.K_per_group
         dw = np.zeros((problem.C, m, *problem.kernel_size), dtype=acc)
-        plan = _Plan(problem, problem.K)
+        plan = _Plan(problem, problem.K, problem.C)
         for batch in plan.batches():
             xpad = _padded(x[batch], problem)
             dyb = np.asarray(dy[batch], dtype=acc)
