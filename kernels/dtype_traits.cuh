@@ -8,7 +8,7 @@
 //
 // Kernels never do arithmetic on 16-bit values: they widen on load, accumulate in the
 // accumulator type and round once on store.  Under NVRTC/nvcc the 16-bit types come from
-// cuda_fp16.h / cuda_bf16.h; the host emulation (convgrad.testing.cuda_host) defines them
+// cuda_fp16.h / cuda_bf16.h; the host emulation (convgrad.cuda_host) defines them
 // before it includes a kernel source.
 #pragma once
 

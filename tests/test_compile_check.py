@@ -11,17 +11,17 @@ import argparse
 
 import pytest
 
-from convgrad import kernel_source
-from convgrad.backends.cupy_backend import launchable_kernels
+from convgrad import compile_check, kernel_source
+from convgrad.kernel_catalog import launchable_kernels
 
-_REASON = kernel_source.nvrtc_available()
+_REASON = compile_check.nvrtc_available()
 needs_nvrtc = pytest.mark.skipif(_REASON is not None, reason=f"NVRTC unavailable: {_REASON}")
 ARCHS = ("sm_80", "sm_90")
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    return kernel_source.compile_check(ARCHS)
+    return compile_check.compile_check(ARCHS)
 
 
 @needs_nvrtc
@@ -47,10 +47,10 @@ def test_report_has_resources(rows: list[dict]) -> None:
 @needs_nvrtc
 def test_run_compile_check_prints_table_and_succeeds(capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch, rows: list[dict]) -> None:
-    monkeypatch.setattr(kernel_source, "compile_check", lambda archs: [r for r in rows if r["arch"] in archs])
+    monkeypatch.setattr(compile_check, "compile_check", lambda archs: [r for r in rows if r["arch"] in archs])
     parser = argparse.ArgumentParser()
-    kernel_source.add_compile_arguments(parser)
-    status = kernel_source.run_compile_check(parser.parse_args(["--compile-only", "--arch", "sm_80,sm_90"]))
+    compile_check.add_compile_arguments(parser)
+    status = compile_check.run_compile_check(parser.parse_args(["--compile-only", "--arch", "sm_80,sm_90"]))
     out = capsys.readouterr().out
     assert status == 0
     assert "convgrad::fprop_gemm<float, 32, 32, 8, 4, 4>" in out and "sm_90" in out
@@ -60,14 +60,14 @@ def test_run_compile_check_fails_on_an_error_row(capsys: pytest.CaptureFixture[s
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     bad = {"kernel": "convgrad::k<float>", "source": "k.cu", "arch": "sm_80", "registers": 40, "shared_bytes": 0,
            "spill_bytes": 64, "ok": False, "error": "64 bytes of register spills in a kernel that must not spill"}
-    monkeypatch.setattr(kernel_source, "compile_check", lambda archs: [bad])
-    status = kernel_source.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80"))
+    monkeypatch.setattr(compile_check, "compile_check", lambda archs: [bad])
+    status = compile_check.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80"))
     assert status == 1
     assert "must not spill" in capsys.readouterr().out
 
 
 def test_bad_arch_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
-    assert kernel_source.run_compile_check(argparse.Namespace(compile_only=True, arch="ampere")) == 2
+    assert compile_check.run_compile_check(argparse.Namespace(compile_only=True, arch="ampere")) == 2
     assert "--arch" in capsys.readouterr().err
 
 
@@ -82,7 +82,7 @@ ptxas info    : Function properties for _Z1gPd
 ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 28 registers, used 0 barriers, 800 bytes cmem[0]
 """
-    report = kernel_source.parse_ptxas_report(log)
+    report = compile_check.parse_ptxas_report(log)
     assert report["_Z1kPf"] == {"registers": 168, "static_shared": 2048, "stack": 16, "spill": 72}
     assert report["_Z1gPd"] == {"registers": 28, "static_shared": 0, "stack": 0, "spill": 0}
 

@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from convgrad.backends.cupy_backend import PARAM_DTYPE, PARAM_FIELDS
+from convgrad.backends.cupy_planner import PARAM_DTYPE, PARAM_FIELDS
 from convgrad.kernel_source import kernel_dir
 
 

@@ -1,4 +1,4 @@
-"""Tests of the CUDA-on-CPU emulation (convgrad.testing.cuda_host) with planted kernels.
+"""Tests of the CUDA-on-CPU emulation (convgrad.cuda_host) with planted kernels.
 
 The kernels live in tests/cuda_host_kernels/.  Each test states what it would catch: a test
 of the emulator has to be able to fail, and the planted-bug tests show that the emulator
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convgrad.testing import cuda_host
-from convgrad.testing.cuda_host import HostRunner, KernelError
+from convgrad import cuda_host
+from convgrad.cuda_host import HostRunner, KernelError
 
 pytestmark = pytest.mark.skipif(
     not cuda_host.compiler_available(),
@@ -417,7 +417,7 @@ SANITIZED_CHILD = textwrap.dedent(
     import ctypes
     import sys
     import numpy as np
-    from convgrad.testing.cuda_host import HostRunner, asan_runtime_loaded, place_tight
+    from convgrad.cuda_host import HostRunner, asan_runtime_loaded, place_tight
 
     kernel_dir, mode = sys.argv[1], sys.argv[2]
     assert asan_runtime_loaded()

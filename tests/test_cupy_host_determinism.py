@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 import convgrad
-from convgrad.backends import cupy_backend
-from convgrad.backends.cupy_backend import CupyHostBackend, Planner
+from convgrad.backends import cupy_planner
+from convgrad.backends.cupy_backend import CupyHostBackend
+from convgrad.backends.cupy_planner import Planner
 from convgrad.kernel_source import kernel_dir
 from convgrad.problem import conv_problem
 
-cuda_host = pytest.importorskip("convgrad.testing.cuda_host")
+cuda_host = pytest.importorskip("convgrad.cuda_host")
 pytestmark = pytest.mark.skipif(not cuda_host.compiler_available(), reason="no C++ compiler for the host emulation")
 
 
@@ -126,5 +127,5 @@ def test_wrong_split_k_slice_bound_is_caught(tmp_path) -> None:
 
 def test_planner_and_backend_share_kernels_module() -> None:
     """cupy-host runs the cupy backend's own planner class."""
-    assert isinstance(CupyHostBackend().planner, cupy_backend.Planner)
+    assert isinstance(CupyHostBackend().planner, cupy_planner.Planner)
     assert isinstance(convgrad.backends.get("cupy-host"), CupyHostBackend)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from convgrad.testing import cuda_host
+from convgrad import cuda_host
 
 TESTS = Path(__file__).resolve().parent
 

@@ -18,20 +18,19 @@ import numpy as np
 import pytest
 
 import convgrad
-from convgrad.backends.cupy_backend import (
+from convgrad.backends.cupy_backend import matmul_1x1
+from convgrad.backends.cupy_planner import (
     EPILOGUE_ATOMIC,
     EPILOGUE_STORE,
     EPILOGUE_WORKSPACE,
-    LARGE_TILES,
     MAX_GRID,
     PARAM_DTYPE,
-    SMALL_TILE,
     Planner,
     describe_block,
     dgrad_phase_axis,
-    matmul_1x1,
     phase_digits,
 )
+from convgrad.kernel_catalog import LARGE_TILES, SMALL_TILE
 from convgrad.problem import conv_problem, transposed_problem
 from convgrad.testing import reference_forward
 
@@ -400,7 +399,7 @@ def test_vector_path_needs_contiguous_aligned_channels() -> None:
 
 
 def test_vector_width_mirrors_the_kernel() -> None:
-    from convgrad.backends.cupy_backend import vector_width
+    from convgrad.backends.cupy_planner import vector_width
 
     assert vector_width("float32", SMALL_TILE) == 4
     assert vector_width("float16", SMALL_TILE) == 4  # 8 bytes: a thread stages 4 elements per step

@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 from . import arrays, backends
-from .kernel_source import add_compile_arguments, run_compile_check
+from .compile_check import add_compile_arguments, run_compile_check
 from .testing.cases import CASES, DTYPES, ConvCase, make_array
 from .testing.reference import reference_forward, reference_grad_input, reference_grad_weight
 from .testing.tolerance import tolerance

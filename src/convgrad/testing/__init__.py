@@ -1,9 +1,8 @@
-"""Testing helpers: float64 references, tolerances, the case list and the CUDA-on-CPU harness.
+"""Testing helpers: float64 references, tolerances and the case list.
 
 * :mod:`convgrad.testing.reference`: naive float64 implementations of the three passes.
 * :mod:`convgrad.testing.tolerance`: per-dtype tolerances and :func:`assert_close`.
 * :mod:`convgrad.testing.cases`: the curated case list every backend runs.
-* :mod:`convgrad.testing.cuda_host`: runs ``kernels/*.cu`` on the CPU (used by ``cupy-host``).
 """
 
 from .reference import reference_forward, reference_grad_input, reference_grad_weight

@@ -2,7 +2,7 @@
 
 Compiles named instantiations with g++ against the emulation header (`build`), loads the
 libraries with ctypes, and launches them with arguments marshalled as ``cuLaunchKernel``
-expects them (`convgrad.backends.kernel_runner`).
+expects them (`convgrad.kernel_runner`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from convgrad.backends.kernel_runner import Dim3, KernelRunner
+from convgrad.kernel_runner import Dim3, KernelRunner
 
 from .build import ABI_VERSION, MAX_DYNAMIC_SHARED_BYTES, build_library, check_name_expression
 from .toolchain import Compiler, compiler_available, find_compiler
@@ -52,24 +52,10 @@ class _LaunchRequest(ctypes.Structure):
 
 
 def default_kernel_dir() -> Path:
-    """Where the kernel sources are: the one place that decides it.
+    """Where the kernel sources are: ``convgrad.kernel_source.kernel_dir()`` decides it."""
+    from convgrad.kernel_source import kernel_dir
 
-    ``$CONVGRAD_KERNEL_DIR`` if set; else ``convgrad.kernel_source.kernel_dir()`` when that
-    module exists; else ``kernels/`` of the source checkout this file belongs to.
-    """
-    env = os.environ.get("CONVGRAD_KERNEL_DIR")
-    if env:
-        return Path(env)
-    try:
-        from convgrad import kernel_source
-    except ModuleNotFoundError as exc:
-        if exc.name != "convgrad.kernel_source":
-            raise
-    else:
-        if hasattr(kernel_source, "kernel_dir"):
-            return Path(kernel_source.kernel_dir())
-    # <repo>/src/convgrad/testing/cuda_host/runner.py -> <repo>/kernels
-    return Path(__file__).resolve().parents[4] / "kernels"
+    return Path(kernel_dir())
 
 
 def asan_runtime_loaded() -> bool:
@@ -221,7 +207,7 @@ class HostRunner(KernelRunner):
                 raise RuntimeError(
                     "sanitize='address' needs the AddressSanitizer runtime preloaded in this "
                     "process; run it in a child process with "
-                    "convgrad.testing.cuda_host.run_sanitized (or the env of sanitizer_env())"
+                    "convgrad.cuda_host.run_sanitized (or the env of sanitizer_env())"
                 )
             path = build_library(
                 self._compiler(),

@@ -5,7 +5,7 @@ Planning (tile choice, grid, split-K, the packed parameter struct) lives in
 this interface:
 
 * ``CupyRunner`` (``cupy_backend``): ``cupy.RawModule`` on a real GPU.
-* ``HostRunner`` (``convgrad.testing.cuda_host``): the same ``kernels/*.cu`` compiled with
+* ``HostRunner`` (``convgrad.cuda_host``): the same ``kernels/*.cu`` compiled with
   g++ against an emulation of the CUDA execution model, run on the CPU.
 
 Launch arguments follow ``cuLaunchKernel``'s convention, one Python object per kernel

@@ -1,4 +1,4 @@
-// cuda_host.h: run CUDA C++ kernels on the CPU (convgrad.testing.cuda_host).
+// cuda_host.h: run CUDA C++ kernels on the CPU (convgrad.cuda_host).
 //
 // Force-included (`g++ -include cuda_host.h -x c++`) ahead of a kernel source, this header
 // makes a .cu file written for NVRTC compile as C++17 and run under an emulation of the CUDA
