@@ -50,9 +50,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import backends as backend_registry
-from .problem import PASSES, ConvProblem, conv_problem, y_user_shape
-from .testing.tolerance import tolerance
+from .. import backends as backend_registry
+from ..problem import PASSES, ConvProblem, conv_problem, y_user_shape
+from ..testing.tolerance import tolerance
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 L2_FLUSH_BYTES = 256 * 2**20
@@ -675,7 +675,7 @@ _ENV_RECORDED = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS"
 
 
 def _versions() -> dict[str, str | None]:
-    from . import __version__
+    from .. import __version__
 
     versions: dict[str, str | None] = {"python": platform.python_version(), "convgrad": __version__,
                                        "numpy": np.__version__}
@@ -819,7 +819,7 @@ def _compare(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float,
 
 def _naive_check(case: Case, pass_: str, backend: str, kind: str) -> tuple[bool, float, float]:
     """Check ``backend`` against the float64 reference on the first image only (keeps the loops cheap)."""
-    from .testing import reference_forward, reference_grad_input, reference_grad_weight
+    from ..testing import reference_forward, reference_grad_input, reference_grad_weight
 
     one = Case(case.suite, case.layer, 1, case.dtype, case.channels_last, case.allow_tf32,
                case.x[:1], case.w, case.dy[:1])
@@ -927,7 +927,7 @@ class Bench:
             self.devices[device] = info
 
     def meta(self) -> dict[str, Any]:
-        from . import options as convgrad_options
+        from .. import options as convgrad_options
 
         opts = self.options
         return {
