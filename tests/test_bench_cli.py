@@ -90,7 +90,7 @@ def test_bad_arguments(tmp_path):
 
 def test_emulated_backends_are_never_benchmarked():
     import convgrad.backends as registry
-    from convgrad.bench import _resolve_backends
+    from convgrad.bench.cli import _resolve_backends
 
     for name in registry.registered():
         if registry.get(name).emulated:
