@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 from .. import backends as backend_registry
 from ..problem import PASSES
-from .report import print_table, write_json, write_plot
+from .report import print_table, require_matplotlib, write_json, write_plot
 from .runner import Bench, Options
 from .suites import SUITES
 
@@ -138,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
     if not opts.backends:
         print("convgrad bench: no real backend is available", file=sys.stderr)
         return 2
+    if args.plot:
+        try:
+            require_matplotlib()
+        except ImportError as error:
+            print(f"convgrad bench: {error}", file=sys.stderr)
+            return 2
     bench = Bench(opts)
     interrupted = False
     with _terminate_as_interrupt():

@@ -10,6 +10,9 @@ from typing import Any
 
 from .runner import RATIO_DEFINITION, Bench
 
+#: What ``--plot`` needs and where it comes from (the ``bench`` extra has matplotlib).
+PLOT_REQUIREMENT = '--plot needs matplotlib, which cannot be imported here: pip install "convgrad[bench]"'
+
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
@@ -75,6 +78,20 @@ def write_json(bench: Bench, path: str, interrupted: bool) -> None:
                 "summary": bench.summary()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError naming the extra to install when :func:`write_plot` could not run.
+
+    Called before the benchmark starts, so that a missing matplotlib does not waste the run.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as error:
+        raise ImportError(PLOT_REQUIREMENT) from error
 
 
 def write_plot(bench: Bench, path: str) -> None:
