@@ -30,7 +30,7 @@ pytest.importorskip("pytest_benchmark")
 torch = pytest.importorskip("torch")
 
 import convgrad  # noqa: E402
-from convgrad.bench import CPU_SETTLE_S, Contention, _cpu_name, _load_average, _threadpools  # noqa: E402
+from convgrad.bench import CPU_SETTLE_S, Contention, cpu_name, load_average, thread_pools  # noqa: E402
 from convgrad.problem import conv_problem  # noqa: E402
 from convgrad.testing.tolerance import tolerance  # noqa: E402
 
@@ -102,7 +102,7 @@ class Results:
     def __init__(self) -> None:
         self.median_s: dict[tuple[str, str, str], float] = {}
         self.min_s: dict[tuple[str, str, str], float] = {}
-        self.load_at_start = _load_average()
+        self.load_at_start = load_average()
         self.contention = Contention()
 
     def add(self, layer: str, pass_: str, implementation: str, stats) -> None:
@@ -141,14 +141,14 @@ class Results:
             except importlib.metadata.PackageNotFoundError:
                 versions[dist] = None
         machine = {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "logical_cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(),
-            "threadpools": _threadpools(),
+            "threadpools": thread_pools(),
             "environment": {name: os.environ.get(name) for name in ENVIRONMENT},
-            "load_average": {"start": self.load_at_start, "end": _load_average()},
+            "load_average": {"start": self.load_at_start, "end": load_average()},
             "contention": self.contention.report(),
         }
         today = datetime.date.today().isoformat()

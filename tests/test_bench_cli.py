@@ -88,9 +88,34 @@ def test_bad_arguments(tmp_path):
     assert done.returncode == 2 and "no-such-backend" in done.stderr
 
 
+def test_plot_without_matplotlib_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from convgrad.bench import cli, runner, timing
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark started although --plot cannot be written")
+
+    for module in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: `import` raises ImportError
+    monkeypatch.setattr(runner.Bench, "setup", must_not_run)
+    monkeypatch.setattr(runner.Bench, "run_layer", must_not_run)
+    monkeypatch.setattr(timing.CpuTimer, "measure", must_not_run)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    plot = tmp_path / "out.png"
+    args = parser.parse_args(["--backend", "numpy", "--reference", "none", "--plot", str(plot), "--no-progress"])
+
+    assert cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--plot needs matplotlib" in err and 'pip install "convgrad[bench]"' in err
+    assert not plot.exists()
+
+
 def test_emulated_backends_are_never_benchmarked():
     import convgrad.backends as registry
-    from convgrad.bench import _resolve_backends
+    from convgrad.bench.cli import _resolve_backends
 
     for name in registry.registered():
         if registry.get(name).emulated:

@@ -14,7 +14,7 @@ import sys
 SUBCOMMANDS = {
     "info": ("convgrad.info", "backends, versions and devices on this machine"),
     "check": ("convgrad.check", "run every pass on every available backend against the float64 reference"),
-    "bench": ("convgrad.bench", "time every pass on built-in layer suites, beside PyTorch"),
+    "bench": ("convgrad.bench.cli", "time every pass on built-in layer suites, beside PyTorch"),
     "explain": ("convgrad.explain", "derive the three passes of a small convolution symbolically"),
 }
 
