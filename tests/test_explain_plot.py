@@ -142,7 +142,8 @@ def test_bad_files_and_options_without_plot(tmp_path, capsys):
     for argv, message in [
         (["--plot", str(tmp_path / "figure.jpg")], "--plot must end in .png, .svg, .pdf, got"),
         (["--plot", str(tmp_path / "missing" / "figure.png")], "--plot: the folder"),
-        (["--weight", "2"], "--weight choose what --plot draws; add --plot FILE"),
+        (["--weight", "2"], "--weight chooses what --plot draws; add --plot FILE"),
+        (["--figure", "fprop", "--output-cell", "2"], "--output-cell and --figure choose what --plot draws"),
     ]:
         assert main(["explain", *argv]) == 2
         out, err = capsys.readouterr()

@@ -58,7 +58,9 @@ def _figure_choice(args: argparse.Namespace) -> tuple[str, int]:
              if getattr(args, CHOOSER[figure]) is not None}
     options = [OPTION_NAMES[CHOOSER[figure]] for figure in given]
     if args.plot is None and (given or args.figure):
-        raise ValueError(f"{' and '.join(options) or '--figure'} choose what --plot draws; add --plot FILE")
+        chosen = options + (["--figure"] if args.figure else [])
+        verb = "chooses" if len(chosen) == 1 else "choose"
+        raise ValueError(f"{' and '.join(chosen)} {verb} what --plot draws; add --plot FILE")
     if len(given) > 1:
         raise ValueError(f"{' and '.join(options)} choose different figures; give one of them")
     figure = args.figure or next(iter(given), "wgrad")
