@@ -9,7 +9,7 @@ sympy = pytest.importorskip("sympy")
 
 import convgrad
 from convgrad.cli import main
-from convgrad.explain import check_backends, check_chain_backends, derive, derive_chain
+from convgrad.explain import check_backends, check_chain_backends, derive, derive_chain, explain_text
 
 i1, i2, i3, i4, i5, i6, i7, i8, i9 = sympy.symbols("i1:10")
 w1, w2, w3, w4 = sympy.symbols("w1:5")
@@ -115,3 +115,43 @@ def test_cli_two_layers(capsys):
 def test_cli_rejects_a_kernel_that_does_not_fit(capsys):
     assert main(["explain", "--input", "2x2", "--kernel", "3x3"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_shapes_of_different_ranks_are_named(capsys):
+    with pytest.raises(ValueError, match=r"input_shape has 3 axes \(3x3x3\) but kernel_shape has 2 \(2x2\): they must "
+                                         r"have the same number of axes"):
+        derive((3, 3, 3), (2, 2))
+    assert main(["explain", "--input", "3x3x3", "--kernel", "2x2"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == ("convgrad explain: --input has 3 axes (3x3x3) but --kernel has 2 (2x2): they must have "
+                           "the same number of axes")
+    assert out == ""
+
+
+def _block(text: str, label: str) -> list[str]:
+    """The lines of the matrix printed beside ``label`` (a SymPy pretty-printed block)."""
+    lines = text.splitlines()
+    at = next(k for k, line in enumerate(lines) if line.lstrip().startswith(label) and "⎢" in line)
+    column = lines[at].index(label) + len(label)
+    start, end = at, at
+    while start > 0 and lines[start - 1][column:column + 4].strip().startswith(("⎡", "⎢")):
+        start -= 1
+    while end + 1 < len(lines) and lines[end + 1][column:column + 4].strip().startswith(("⎢", "⎣")):
+        end += 1
+    rows = [line[column:].strip() for line in lines[start:end + 1]]
+    return [row.split("⎤")[0].split("⎥")[0].split("⎦")[0].strip("⎡⎢⎣ ") for row in rows]
+
+
+def test_g_prime_is_printed_zero_padded_as_the_words_say():
+    text = explain_text(derive((3, 3), (2, 2)))
+    assert "G′ = G, zero-padded all round by 1 (the kernel's extent − 1)," in text
+    assert [row.split() for row in _block(text, "G′ =") if row] == [
+        ["0", "0", "0", "0"], ["0", "g₁", "g₂", "0"], ["0", "g₃", "g₄", "0"], ["0", "0", "0", "0"]]
+    # Stride 2 spreads G; padding 1 makes the padded input 5x5, so G′ gets one more zero row
+    # and column at the end for the cells no output reached.
+    text = explain_text(derive((3, 3), (2, 2), stride=2, padding=1))
+    assert "and by 1 more at the end for the input cells that the stride never reached," in text
+    assert "cropped to the input (dropping the padding, 1 each side):" in text
+    zero = ["0"] * 6
+    assert [row.split() for row in _block(text, "G′ =") if row] == [
+        zero, ["0", "g₁", "0", "g₂", "0", "0"], zero, ["0", "g₃", "0", "g₄", "0", "0"], zero, zero]
