@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernel_source import KernelSpec
+from .tensor_core_catalog import tensor_core_kernels
 
 #: C++ type of each dtype in the kernels, and the accumulator dtype.
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -97,4 +98,4 @@ def launchable_kernels() -> list[KernelSpec]:
             specs.append(KernelSpec(SOURCE_DEPTHWISE, depthwise_kernel(pass_, dtype), shared))
         specs.append(KernelSpec(SOURCE_REDUCE, reduce_kernel(dtype), 0))
         specs.append(KernelSpec(SOURCE_BIAS, bias_kernel(dtype), 0))
-    return specs
+    return specs + tensor_core_kernels()

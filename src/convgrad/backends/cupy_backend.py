@@ -15,14 +15,19 @@ the pointer-alignment check of the vector path) and the launches in order.
 
 Algorithms (kernels/*.cu; each file's header has the formulas and launch geometry):
 
-* fprop, dgrad, wgrad: SIMT implicit GEMM (``implicit_gemm.cu``), one template per pass
+* fprop, dgrad, wgrad in float16, bfloat16, and float32 with ``allow_tf32``: tensor-core
+  implicit GEMM (``tensor_core_gemm.cu``, WMMA with a cp.async pipeline), planned by
+  ``tensor_core_planner``; dgrad by stride phases, wgrad with deterministic split-K;
+* otherwise (and where the tensor cores cannot run a problem): SIMT implicit GEMM
+  (``implicit_gemm.cu``), one template per pass
   instantiated per dtype and tile shape; dgrad runs one GEMM per stride phase so no multiply
   is spent on taps the stride skips; wgrad splits its long reduction (N·Z·P·Q) into slices
   whose partial sums go to a workspace and are added in a fixed order (``splitk_reduce.cu``),
   or with ``deterministic=False`` are added atomically;
 * depthwise (``groups == C``, any channel multiplier): direct kernels (``depthwise.cu``);
 * the bias of fprop is fused; the bias of conv_transpose is a small kernel (``bias.cu``);
-* on the GPU, a 1×1 stride-1 unpadded channels-last fprop is one ``cupy.matmul`` (cuBLAS).
+* on the GPU, a 1×1 stride-1 unpadded channels-last fprop that the tensor cores do not run
+  is one ``cupy.matmul`` (cuBLAS).
 
 Accumulation is float32 for float16/bfloat16/float32 and float64 for float64.
 """
@@ -41,6 +46,7 @@ from ..problem import ConvProblem
 from .base import Backend
 from .cupy_planner import ACCUMULATOR, Plan, Planner
 from .cupy_runner import CupyRunner
+from .tensor_core_planner import DeviceModel, TensorCorePlanner
 
 
 # ----------------------------------------------------------------------------------------
@@ -54,7 +60,7 @@ class _KernelBackend(Backend):
     compile_batches = False
 
     def __init__(self, runner: KernelRunner | None = None, planner: Planner | None = None) -> None:
-        self.planner = planner or Planner()
+        self.planner = planner or Planner(tensor_cores=TensorCorePlanner())
         self._runner = runner
         self._runner_lock = threading.Lock()
 
@@ -96,8 +102,22 @@ class _KernelBackend(Backend):
     def unsupported(self, problem: ConvProblem) -> str | None:
         return self.planner.unsupported(problem)
 
+    def uses_tensor_cores(self, problem: ConvProblem, pass_: str) -> bool:
+        """Whether ``pass_`` of ``problem`` is planned on the tensor-core kernels (on the current device)."""
+        if self.unsupported(problem) is not None or problem.is_empty:
+            return False
+        return self.planner.plan(problem, pass_, device=self._device_model(None)).algorithm == "tensor-core"
+
+    def rounds_to_tf32(self, problem: ConvProblem, pass_: str) -> bool:
+        return problem.dtype == "float32" and problem.allow_tf32 and self.uses_tensor_cores(problem, pass_)
+
+    def _device_model(self, like: Any) -> DeviceModel | None:
+        """The GPU the tensor-core planner plans for: ``like``'s, or the current one when None
+        (None: the planner's default model)."""
+        return None
+
     def _run(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any = None) -> None:
-        plan = self.planner.plan(problem, pass_, has_bias=bias is not None)
+        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, device=self._device_model(tensors["w"]))
         like = tensors["w"]
         acc = ACCUMULATOR[problem.dtype]
         full = dict(tensors)
@@ -145,6 +165,21 @@ def _cupy_device_present() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # CuPy missing, or no driver/device: the backend is unavailable
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_device_model(device_id: int) -> DeviceModel:
+    import cupy
+
+    attributes = cupy.cuda.Device(device_id).attributes
+    major = attributes["ComputeCapabilityMajor"]
+    minor = attributes["ComputeCapabilityMinor"]
+    return DeviceModel(sm_count=attributes["MultiProcessorCount"], capability=10 * major + minor,
+                       shared_per_sm=attributes["MaxSharedMemoryPerMultiprocessor"],
+                       shared_per_block=attributes["MaxSharedMemoryPerBlockOptin"],
+                       threads_per_sm=attributes["MaxThreadsPerMultiProcessor"],
+                       registers_per_sm=attributes["MaxRegistersPerMultiprocessor"],
+                       name=cupy.cuda.runtime.getDeviceProperties(device_id)["name"].decode())
 
 
 def _is_bfloat16(dtype: Any) -> bool:
@@ -211,11 +246,18 @@ class CupyBackend(_KernelBackend):
         with tensors[outputs[0]].device:
             super()._execute(plan, tensors, outputs)
 
+    def _device_model(self, like: Any) -> DeviceModel:
+        import cupy
+
+        return _cupy_device_model(like.device.id if like is not None else cupy.cuda.Device().id)
+
     def forward(self, x: Any, w: Any, bias: Any, problem: ConvProblem, out: Any) -> None:
         import cupy
 
         with out.device:
-            if matmul_1x1(cupy, x, w, bias, problem, out):
+            # cuBLAS in float32 for 1x1 layers, unless the tensor cores run the problem (16-bit
+            # types, TF32): they accumulate the same way as every other layer then.
+            if not self.uses_tensor_cores(problem, "fprop") and matmul_1x1(cupy, x, w, bias, problem, out):
                 return
         super().forward(x, w, bias, problem, out)
 
