@@ -30,6 +30,10 @@ Algorithms (kernels/*.cu; each file's header has the formulas and launch geometr
   is one ``cupy.matmul`` (cuBLAS).
 
 Accumulation is float32 for float16/bfloat16/float32 and float64 for float64.
+
+With ``CONVGRAD_AUTOTUNE=1`` (or ``convgrad.config(autotune=True)``), ``cupy`` times the
+tensor-core configurations of a pass on first use of a problem and caches the fastest per
+device and problem (``tensor_core_autotune``); ``cupy-host`` always uses the heuristic.
 """
 
 from __future__ import annotations
@@ -41,12 +45,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import options
 from ..kernel_runner import KernelRunner
 from ..problem import ConvProblem
+from ..tensor_core_catalog import TcConfig
 from .base import Backend
 from .cupy_planner import ACCUMULATOR, Plan, Planner
 from .cupy_runner import CupyRunner
-from .tensor_core_planner import DeviceModel, TensorCorePlanner
+from .tensor_core_autotune import Autotuner
+from .tensor_core_planner import DEFAULT_DEVICE, DeviceModel, TensorCorePlanner
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,11 +65,22 @@ class _KernelBackend(Backend):
 
     #: Compile each launch's ``batch`` together on first use (worth it where compiler runs are costly).
     compile_batches = False
+    #: Whether CONVGRAD_AUTOTUNE times tensor-core configurations here (a real GPU only).
+    autotunes = False
 
-    def __init__(self, runner: KernelRunner | None = None, planner: Planner | None = None) -> None:
+    def __init__(self, runner: KernelRunner | None = None, planner: Planner | None = None,
+                 autotuner: Autotuner | None = None) -> None:
         self.planner = planner or Planner(tensor_cores=TensorCorePlanner())
         self._runner = runner
         self._runner_lock = threading.Lock()
+        self._autotuner = autotuner
+
+    @property
+    def autotuner(self) -> Autotuner:
+        """Chooses tensor-core configurations by timing (created on first use: it owns a cache directory)."""
+        if self._autotuner is None:
+            self._autotuner = Autotuner()
+        return self._autotuner
 
     # Array-library specifics, provided by the subclasses.
     @abstractmethod
@@ -116,20 +134,45 @@ class _KernelBackend(Backend):
         (None: the planner's default model)."""
         return None
 
-    def _run(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any = None) -> None:
-        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, device=self._device_model(tensors["w"]))
+    def _with_workspace(self, plan: Plan, problem: ConvProblem, tensors: dict[str, Any], bias: Any) -> dict[str, Any]:
+        """The launch arguments by role: the tensors, the bias (or a stand-in) and the plan's workspace."""
         like = tensors["w"]
-        acc = ACCUMULATOR[problem.dtype]
         full = dict(tensors)
         full["bias"] = bias if bias is not None else tensors["w"]  # read only when has_bias is set
         if plan.workspace is None:
-            full["workspace"] = self._empty(1, acc, like)  # never dereferenced
+            full["workspace"] = self._empty(1, ACCUMULATOR[problem.dtype], like)  # never dereferenced
         elif plan.workspace.zeroed:
             full["workspace"] = self._zeros(plan.workspace.elements, plan.workspace.dtype, like)
         else:
             full["workspace"] = self._empty(plan.workspace.elements, plan.workspace.dtype, like)
+        return full
+
+    def _seconds(self, plan: Plan, arguments: dict[str, Any], out_role: str) -> float:
+        """How long ``plan`` takes on the device (autotuning); backends that cannot time raise."""
+        raise NotImplementedError(f"{self.name} does not autotune")
+
+    def _plan(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any, out_role: str) -> Plan:
+        """The planner's plan; with autotuning on a GPU, the fastest tensor-core configuration."""
+        device = self._device_model(tensors["w"]) or DEFAULT_DEVICE
+        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, device=device)
+        if not (self.autotunes and plan.algorithm == "tensor-core" and options.get("autotune")):
+            return plan
+        tensor_cores = self.planner.tensor_cores
+        candidates = tensor_cores.configs(problem, pass_, device)
+
+        def plan_with(config: TcConfig) -> Plan:
+            return tensor_cores.plan(self.planner, problem, pass_, bias is not None, device, config=config)
+
+        def measure(config: TcConfig) -> float:
+            candidate = plan_with(config)
+            return self._seconds(candidate, self._with_workspace(candidate, problem, tensors, bias), out_role)
+
+        return plan_with(self.autotuner.choose(device, problem, pass_, candidates, measure))
+
+    def _run(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any = None) -> None:
         out_role = {"fprop": "y", "dgrad": "x", "wgrad": "w"}[pass_]
-        self._execute(plan, full, (out_role,))
+        plan = self._plan(problem, pass_, tensors, bias, out_role)
+        self._execute(plan, self._with_workspace(plan, problem, tensors, bias), (out_role,))
 
     def forward(self, x: Any, w: Any, bias: Any, problem: ConvProblem, out: Any) -> None:
         self._run(problem, "fprop", {"x": x, "w": w, "y": out}, bias)
@@ -148,6 +191,10 @@ class _KernelBackend(Backend):
         strides = tuple(s // itemsize for s in out.strides)
         plan = self.planner.bias_plan(problem, strides, tuple(out.shape))
         self._execute(plan, {"x": out, "bias": bias}, ("x",))
+
+
+#: Timed runs per candidate configuration when autotuning.
+AUTOTUNE_REPEATS = 5
 
 
 def _address(array: Any) -> int:
@@ -223,6 +270,7 @@ class CupyBackend(_KernelBackend):
     emulated = False
     array_kinds = ("cupy",)
     stages_numpy = True
+    autotunes = True
 
     def available(self) -> bool:
         return _cupy_device_present()
@@ -245,6 +293,22 @@ class CupyBackend(_KernelBackend):
     def _execute(self, plan: Plan, tensors: dict[str, Any], outputs: Sequence[str]) -> None:
         with tensors[outputs[0]].device:
             super()._execute(plan, tensors, outputs)
+
+    def _seconds(self, plan: Plan, arguments: dict[str, Any], out_role: str) -> float:
+        """Median of AUTOTUNE_REPEATS runs between CUDA events on the current stream, after a warm-up
+        (which also compiles).  The output is overwritten; the real run follows."""
+        import cupy
+
+        self._execute(plan, arguments, (out_role,))
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        times = []
+        for _ in range(AUTOTUNE_REPEATS):
+            start.record()
+            self._execute(plan, arguments, (out_role,))
+            stop.record()
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+        return sorted(times)[len(times) // 2]
 
     def _device_model(self, like: Any) -> DeviceModel:
         import cupy
