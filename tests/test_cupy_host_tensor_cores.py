@@ -5,6 +5,7 @@
   shared suite (test_passes.py) runs only the configuration the heuristic picks.
 * The SIMT kernels still planned for 16-bit types on GPUs before sm_80.
 * dgrad and wgrad bit-identical in both block and thread orders; atomic split-K is not.
+* Random geometries (hypothesis) in float16, bfloat16 and TF32, exact on integer data.
 * Planted bugs in copies of the real kernels, each caught: a forgotten TF32 conversion, a
   missing __syncthreads() after the pipeline's wait, a missing wait in steady-state
   iterations, a misaligned tile (wrong padding), a divergent warp.
@@ -16,15 +17,19 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import convgrad
+from convgrad import arrays
 from convgrad.backends.cupy_backend import CupyHostBackend
 from convgrad.backends.cupy_planner import Planner
 from convgrad.backends.tensor_core_planner import DeviceModel, TensorCorePlanner
 from convgrad.kernel_source import kernel_dir
 from convgrad.tensor_core_catalog import TC_CONFIGS, TcConfig, configs_for
-from convgrad.testing import assert_close, round_to_tf32, truncate_to_tf32
-from convgrad.testing.cases import numpy_dtype
+from convgrad.testing import (assert_close, reference_forward, reference_grad_input, reference_grad_weight,
+                              round_to_tf32, truncate_to_tf32)
+from convgrad.testing.cases import ConvCase, make_array, numpy_dtype
 
 cuda_host = pytest.importorskip("convgrad.cuda_host")
 pytestmark = pytest.mark.skipif(not cuda_host.compiler_available(), reason="no C++ compiler for the host emulation")
@@ -215,3 +220,50 @@ def test_divergent_warp_is_caught(tmp_path) -> None:
     x, w, dy, geometry = _data("nchw_strided", "float16")
     with pytest.raises(cuda_host.KernelError, match="every lane of the warp must pass the same values"):
         convgrad.conv2d(x, w, backend=_backend(kernels=kernels), **geometry)
+
+
+# -- random geometries
+
+
+@st.composite
+def _geometries(draw):
+    """Geometries PyTorch accepts, with channel counts that sometimes allow the fast path (multiples of 8)."""
+    ndim = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 2))
+    per_group = st.sampled_from([1, 2, 3, 8, 16])
+    C, K = groups * draw(per_group), groups * draw(per_group)
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
+    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(ndim))
+    spatial = []
+    for k, d, (before, after) in zip(kernel, dilation, padding):
+        least = max(1, d * (k - 1) + 1 - before - after)
+        spatial.append(draw(st.integers(least, least + 5)))
+    batch = draw(st.sampled_from([None, 1, 2]))
+    return ConvCase(ndim, batch, C, K, tuple(spatial), kernel, stride, padding, dilation, groups,
+                    channels_last=draw(st.booleans()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=_geometries(), dtype=st.sampled_from(["float16", "bfloat16", "tf32"]))
+def test_random_geometries_on_tensor_cores(case: ConvCase, dtype: str) -> None:
+    """Integer-valued data: every pass equals the reference rounded once to the dtype."""
+    data_dtype = "float32" if dtype == "tf32" else dtype
+    problem = case.problem(data_dtype).with_options(allow_tf32=dtype == "tf32")
+    assume(not problem.is_depthwise)
+    backend = convgrad.backends.get("cupy-host")
+    assert backend.uses_tensor_cores(problem, "fprop")
+    rng = np.random.default_rng(0)
+    x = make_array(rng, case.x_shape(), data_dtype)
+    w = make_array(rng, case.w_shape(), data_dtype)
+    dy = make_array(rng, case.y_shape(), data_dtype)
+    n, kw = case.ndim, dict(case.kwargs(), allow_tf32=dtype == "tf32", backend="cupy-host")
+    view = lambda a, role: arrays.logical_view(a, "numpy", role, problem)  # noqa: E731
+    y = getattr(convgrad, f"conv{n}d")(x, w, **kw)
+    dx = getattr(convgrad, f"conv{n}d_input")(x.shape, w, dy, **kw)
+    dw = getattr(convgrad, f"conv{n}d_weight")(x, w.shape, dy, **kw)
+    for got, want, pass_ in ((view(y, "y"), reference_forward(view(x, "x"), view(w, "w"), problem), "fprop"),
+                             (view(dx, "x"), reference_grad_input(view(dy, "y"), view(w, "w"), problem), "dgrad"),
+                             (view(dw, "w"), reference_grad_weight(view(x, "x"), view(dy, "y"), problem), "wgrad")):
+        assert_close(got, want, data_dtype, exact=True, name=case.name(pass_, data_dtype))
