@@ -45,6 +45,8 @@ struct ConvParams {
   index_t a_vec;             // GEMM A tile loaded as vectors of contiguous channels (the fast path)
   index_t channels_fastest;  // elementwise kernels: channel is the fastest-varying output index
   index_t total;             // elementwise kernels: number of outputs
+  index_t b_vec;             // GEMM B tile loaded as vectors of contiguous channels (tensor-core fast path)
+  index_t out_nfast;         // tensor-core epilogue: the output is contiguous along GEMM N (channels-last)
 };
 
 // How a kernel writes its result.

@@ -39,7 +39,9 @@ def test_report_has_resources(rows: list[dict]) -> None:
     for row in rows:
         assert 0 < row["registers"] <= 255, row
         assert row["shared_bytes"] >= specs[row["kernel"]].dynamic_shared_bytes
-        assert row["shared_bytes"] <= 48 * 1024, "more than 48 KiB would need an opt-in launch attribute"
+        # Above 48 KiB the runner opts in (CupyRunner sets max_dynamic_shared_size_bytes); 99 KiB
+        # per block is what every sm_80+ GPU allows (sm_86/sm_89 have the least).
+        assert row["shared_bytes"] <= 99 * 1024, row
         if not specs[row["kernel"]].may_spill:
             assert row["spill_bytes"] == 0, row
 

@@ -15,14 +15,19 @@ import pytest
 
 import convgrad
 from convgrad import arrays
-from convgrad.testing import assert_close, reference_forward, reference_grad_input, reference_grad_weight
+from convgrad.testing import (assert_close, reference_forward, reference_grad_input, reference_grad_weight,
+                              round_to_tf32)
 from convgrad.problem import conv_problem
 from convgrad.testing.cases import CASES, TRANSPOSED_CASES, ConvCase, make_array, numpy_dtype, poisoned
 
 PASSES = ("fprop", "dgrad", "wgrad")
-# (dtype, integer-valued inputs): integers compare exactly in every dtype; Gaussian within tolerance.
-DATA = (("float16", True), ("bfloat16", True), ("float32", True), ("float64", True), ("float32", False),
-        ("float16", False))
+# (dtype, integer-valued inputs, allow_tf32): integers compare exactly in every dtype; Gaussian
+# within tolerance.  TF32 is float32 data with allow_tf32=True: where the backend says it
+# rounds to TF32, the reference rounds its operands the same way (to nearest, ties away) and
+# the comparison keeps the float32-accumulation tolerance, so truncating instead of rounding,
+# or not rounding at all, fails.  Integer data (|v| <= 2 < 2^10) is exact in TF32 too.
+DATA = (("float16", True, False), ("bfloat16", True, False), ("float32", True, False), ("float64", True, False),
+        ("float32", False, False), ("float16", False, False), ("float32", True, True), ("float32", False, True))
 
 
 def _functions(ndim: int):
@@ -37,9 +42,9 @@ def _case_params():
         if case.slow:
             marks.append(pytest.mark.slow)
         for pass_ in PASSES:
-            for dtype, integer in DATA:
-                kind = "int" if integer else "gauss"
-                params.append(pytest.param(case, pass_, dtype, integer, marks=marks,
+            for dtype, integer, tf32 in DATA:
+                kind = ("int" if integer else "gauss") + ("-tf32" if tf32 else "")
+                params.append(pytest.param(case, pass_, dtype, integer, tf32, marks=marks,
                                            id=f"{case.name(pass_, dtype)}-{kind}"))
     return params
 
@@ -54,38 +59,48 @@ def _skip_unsupported(backend_name: str, problem) -> None:
         pytest.skip(f"{backend_name} does not support this problem: {reason}")
 
 
-def run_pass(case: ConvCase, pass_: str, dtype: str, integer: bool, backend_name: str, seed: int = 0):
+def run_pass(case: ConvCase, pass_: str, dtype: str, integer: bool, backend_name: str, seed: int = 0,
+             allow_tf32: bool = False):
     """Run one pass on a backend; returns (result, float64 reference, problem)."""
     rng = np.random.default_rng(seed)
-    problem = case.problem(dtype)
+    problem = case.problem(dtype).with_options(allow_tf32=allow_tf32)
     _skip_unsupported(backend_name, problem)
     x = make_array(rng, case.x_shape(), dtype, integer=integer, sliced=case.sliced)
     w = make_array(rng, case.w_shape(), dtype, integer=integer, sliced=case.sliced)
     dy = make_array(rng, case.y_shape(), dtype, integer=integer, sliced=case.sliced)
     conv, conv_input, conv_weight = _functions(case.ndim)
-    geometry = case.kwargs()
+    geometry = dict(case.kwargs(), allow_tf32=allow_tf32)
+    tf32 = convgrad.backends.get(backend_name).rounds_to_tf32(problem, pass_)
+    if allow_tf32 and not tf32:
+        pytest.skip(f"{backend_name} computes this pass in full float32 with allow_tf32: the float32 runs cover it")
+
+    def operand(array: np.ndarray, role: str) -> np.ndarray:
+        logical = _logical(array, role, problem)
+        return round_to_tf32(logical) if tf32 else logical
+
     if pass_ == "fprop":
         out = poisoned(case.y_shape(), dtype, sliced=case.sliced)
         result = conv(x, w, out=out, backend=backend_name, **geometry)
-        expected = reference_forward(_logical(x, "x", problem), _logical(w, "w", problem), problem)
+        expected = reference_forward(operand(x, "x"), operand(w, "w"), problem)
         role = "y"
     elif pass_ == "dgrad":
         out = poisoned(case.x_shape(), dtype, sliced=case.sliced)
         result = conv_input(case.x_shape(), w, dy, out=out, backend=backend_name, **geometry)
-        expected = reference_grad_input(_logical(dy, "y", problem), _logical(w, "w", problem), problem)
+        expected = reference_grad_input(operand(dy, "y"), operand(w, "w"), problem)
         role = "x"
     else:
         out = poisoned(case.w_shape(), dtype, sliced=case.sliced)
         result = conv_weight(x, case.w_shape(), dy, out=out, backend=backend_name, **geometry)
-        expected = reference_grad_weight(_logical(x, "x", problem), _logical(dy, "y", problem), problem)
+        expected = reference_grad_weight(operand(x, "x"), operand(dy, "y"), problem)
         role = "w"
     assert result is out, "the result must be written into out="
     return _logical(result, role, problem), expected, problem
 
 
-@pytest.mark.parametrize(("case", "pass_", "dtype", "integer"), _case_params())
-def test_pass_matches_reference(backend_name: str, case: ConvCase, pass_: str, dtype: str, integer: bool) -> None:
-    result, expected, problem = run_pass(case, pass_, dtype, integer, backend_name)
+@pytest.mark.parametrize(("case", "pass_", "dtype", "integer", "tf32"), _case_params())
+def test_pass_matches_reference(backend_name: str, case: ConvCase, pass_: str, dtype: str, integer: bool,
+                                tf32: bool) -> None:
+    result, expected, problem = run_pass(case, pass_, dtype, integer, backend_name, allow_tf32=tf32)
     assert result.dtype == numpy_dtype(dtype)
     assert_close(result, expected, dtype, reduction=problem.gemm_reduction[pass_], exact=integer,
                  name=case.name(pass_, dtype))

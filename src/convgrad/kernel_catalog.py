@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernel_source import KernelSpec
+from .tensor_core_catalog import tensor_core_kernels
 
 #: C++ type of each dtype in the kernels, and the accumulator dtype.
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -87,7 +88,7 @@ def depthwise_wgrad_shared_bytes(threads: int, dtype: str) -> int:
 
 def launchable_kernels() -> list[KernelSpec]:
     """Every instantiation the planner can launch (what ``compile_check`` compiles)."""
-    specs = []
+    specs = tensor_core_kernels()  # tensor_core_catalog lists its own
     for dtype in DTYPES:
         for tile in dict.fromkeys((SMALL_TILE, LARGE_TILES[dtype])):
             for pass_ in ("fprop", "dgrad", "wgrad"):

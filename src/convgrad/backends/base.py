@@ -40,6 +40,14 @@ class Backend(ABC):
         """Why this backend cannot run ``problem``, or None when it can."""
         return None
 
+    def rounds_to_tf32(self, problem: ConvProblem, pass_: str) -> bool:
+        """Whether ``pass_`` multiplies operands rounded to TF32 (only ever with ``problem.allow_tf32``).
+
+        ``allow_tf32`` permits TF32 and does not require it: a backend that computes in full
+        float32 returns False.  Tests compare against a TF32-rounded reference where this is True.
+        """
+        return False
+
     @abstractmethod
     def forward(self, x: Any, w: Any, bias: Any, problem: ConvProblem, out: Any) -> None:
         """``out[...] = conv(x, w) (+ bias)``; ``bias`` is ``(K,)`` or None."""

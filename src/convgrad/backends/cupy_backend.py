@@ -15,16 +15,25 @@ the pointer-alignment check of the vector path) and the launches in order.
 
 Algorithms (kernels/*.cu; each file's header has the formulas and launch geometry):
 
-* fprop, dgrad, wgrad: SIMT implicit GEMM (``implicit_gemm.cu``), one template per pass
+* fprop, dgrad, wgrad in float16, bfloat16, and float32 with ``allow_tf32``: tensor-core
+  implicit GEMM (``tensor_core_gemm.cu``, WMMA with a cp.async pipeline), planned by
+  ``tensor_core_planner``; dgrad by stride phases, wgrad with deterministic split-K;
+* otherwise (and where the tensor cores cannot run a problem): SIMT implicit GEMM
+  (``implicit_gemm.cu``), one template per pass
   instantiated per dtype and tile shape; dgrad runs one GEMM per stride phase so no multiply
   is spent on taps the stride skips; wgrad splits its long reduction (N·Z·P·Q) into slices
   whose partial sums go to a workspace and are added in a fixed order (``splitk_reduce.cu``),
   or with ``deterministic=False`` are added atomically;
 * depthwise (``groups == C``, any channel multiplier): direct kernels (``depthwise.cu``);
 * the bias of fprop is fused; the bias of conv_transpose is a small kernel (``bias.cu``);
-* on the GPU, a 1×1 stride-1 unpadded channels-last fprop is one ``cupy.matmul`` (cuBLAS).
+* on the GPU, a 1×1 stride-1 unpadded channels-last fprop that the tensor cores do not run
+  is one ``cupy.matmul`` (cuBLAS).
 
 Accumulation is float32 for float16/bfloat16/float32 and float64 for float64.
+
+With ``CONVGRAD_AUTOTUNE=1`` (or ``convgrad.config(autotune=True)``), ``cupy`` times the
+tensor-core configurations of a pass on first use of a problem and caches the fastest per
+device and problem (``tensor_core_autotune``); ``cupy-host`` always uses the heuristic.
 """
 
 from __future__ import annotations
@@ -36,11 +45,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import options
 from ..kernel_runner import KernelRunner
 from ..problem import ConvProblem
+from ..tensor_core_catalog import TcConfig
 from .base import Backend
 from .cupy_planner import ACCUMULATOR, Plan, Planner
 from .cupy_runner import CupyRunner
+from .tensor_core_autotune import Autotuner
+from .tensor_core_planner import DEFAULT_DEVICE, DeviceModel, TensorCorePlanner
 
 
 # ----------------------------------------------------------------------------------------
@@ -52,11 +65,22 @@ class _KernelBackend(Backend):
 
     #: Compile each launch's ``batch`` together on first use (worth it where compiler runs are costly).
     compile_batches = False
+    #: Whether CONVGRAD_AUTOTUNE times tensor-core configurations here (a real GPU only).
+    autotunes = False
 
-    def __init__(self, runner: KernelRunner | None = None, planner: Planner | None = None) -> None:
-        self.planner = planner or Planner()
+    def __init__(self, runner: KernelRunner | None = None, planner: Planner | None = None,
+                 autotuner: Autotuner | None = None) -> None:
+        self.planner = planner or Planner(tensor_cores=TensorCorePlanner())
         self._runner = runner
         self._runner_lock = threading.Lock()
+        self._autotuner = autotuner
+
+    @property
+    def autotuner(self) -> Autotuner:
+        """Chooses tensor-core configurations by timing (created on first use: it owns a cache directory)."""
+        if self._autotuner is None:
+            self._autotuner = Autotuner()
+        return self._autotuner
 
     # Array-library specifics, provided by the subclasses.
     @abstractmethod
@@ -96,20 +120,59 @@ class _KernelBackend(Backend):
     def unsupported(self, problem: ConvProblem) -> str | None:
         return self.planner.unsupported(problem)
 
-    def _run(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any = None) -> None:
-        plan = self.planner.plan(problem, pass_, has_bias=bias is not None)
+    def uses_tensor_cores(self, problem: ConvProblem, pass_: str) -> bool:
+        """Whether ``pass_`` of ``problem`` is planned on the tensor-core kernels (on the current device)."""
+        if self.unsupported(problem) is not None or problem.is_empty:
+            return False
+        return self.planner.plan(problem, pass_, device=self._device_model(None)).algorithm == "tensor-core"
+
+    def rounds_to_tf32(self, problem: ConvProblem, pass_: str) -> bool:
+        return problem.dtype == "float32" and problem.allow_tf32 and self.uses_tensor_cores(problem, pass_)
+
+    def _device_model(self, like: Any) -> DeviceModel | None:
+        """The GPU the tensor-core planner plans for: ``like``'s, or the current one when None
+        (None: the planner's default model)."""
+        return None
+
+    def _with_workspace(self, plan: Plan, problem: ConvProblem, tensors: dict[str, Any], bias: Any) -> dict[str, Any]:
+        """The launch arguments by role: the tensors, the bias (or a stand-in) and the plan's workspace."""
         like = tensors["w"]
-        acc = ACCUMULATOR[problem.dtype]
         full = dict(tensors)
         full["bias"] = bias if bias is not None else tensors["w"]  # read only when has_bias is set
         if plan.workspace is None:
-            full["workspace"] = self._empty(1, acc, like)  # never dereferenced
+            full["workspace"] = self._empty(1, ACCUMULATOR[problem.dtype], like)  # never dereferenced
         elif plan.workspace.zeroed:
             full["workspace"] = self._zeros(plan.workspace.elements, plan.workspace.dtype, like)
         else:
             full["workspace"] = self._empty(plan.workspace.elements, plan.workspace.dtype, like)
+        return full
+
+    def _seconds(self, plan: Plan, arguments: dict[str, Any], out_role: str) -> float:
+        """How long ``plan`` takes on the device (autotuning); backends that cannot time raise."""
+        raise NotImplementedError(f"{self.name} does not autotune")
+
+    def _plan(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any, out_role: str) -> Plan:
+        """The planner's plan; with autotuning on a GPU, the fastest tensor-core configuration."""
+        device = self._device_model(tensors["w"]) or DEFAULT_DEVICE
+        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, device=device)
+        if not (self.autotunes and plan.algorithm == "tensor-core" and options.get("autotune")):
+            return plan
+        tensor_cores = self.planner.tensor_cores
+        candidates = tensor_cores.configs(problem, pass_, device)
+
+        def plan_with(config: TcConfig) -> Plan:
+            return tensor_cores.plan(self.planner, problem, pass_, bias is not None, device, config=config)
+
+        def measure(config: TcConfig) -> float:
+            candidate = plan_with(config)
+            return self._seconds(candidate, self._with_workspace(candidate, problem, tensors, bias), out_role)
+
+        return plan_with(self.autotuner.choose(device, problem, pass_, candidates, measure))
+
+    def _run(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any = None) -> None:
         out_role = {"fprop": "y", "dgrad": "x", "wgrad": "w"}[pass_]
-        self._execute(plan, full, (out_role,))
+        plan = self._plan(problem, pass_, tensors, bias, out_role)
+        self._execute(plan, self._with_workspace(plan, problem, tensors, bias), (out_role,))
 
     def forward(self, x: Any, w: Any, bias: Any, problem: ConvProblem, out: Any) -> None:
         self._run(problem, "fprop", {"x": x, "w": w, "y": out}, bias)
@@ -130,6 +193,10 @@ class _KernelBackend(Backend):
         self._execute(plan, {"x": out, "bias": bias}, ("x",))
 
 
+#: Timed runs per candidate configuration when autotuning.
+AUTOTUNE_REPEATS = 5
+
+
 def _address(array: Any) -> int:
     """Address of an array's first element (NumPy or CuPy)."""
     if isinstance(array, np.ndarray):
@@ -145,6 +212,21 @@ def _cupy_device_present() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # CuPy missing, or no driver/device: the backend is unavailable
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_device_model(device_id: int) -> DeviceModel:
+    import cupy
+
+    attributes = cupy.cuda.Device(device_id).attributes
+    major = attributes["ComputeCapabilityMajor"]
+    minor = attributes["ComputeCapabilityMinor"]
+    return DeviceModel(sm_count=attributes["MultiProcessorCount"], capability=10 * major + minor,
+                       shared_per_sm=attributes["MaxSharedMemoryPerMultiprocessor"],
+                       shared_per_block=attributes["MaxSharedMemoryPerBlockOptin"],
+                       threads_per_sm=attributes["MaxThreadsPerMultiProcessor"],
+                       registers_per_sm=attributes["MaxRegistersPerMultiprocessor"],
+                       name=cupy.cuda.runtime.getDeviceProperties(device_id)["name"].decode())
 
 
 def _is_bfloat16(dtype: Any) -> bool:
@@ -188,6 +270,7 @@ class CupyBackend(_KernelBackend):
     emulated = False
     array_kinds = ("cupy",)
     stages_numpy = True
+    autotunes = True
 
     def available(self) -> bool:
         return _cupy_device_present()
@@ -211,11 +294,34 @@ class CupyBackend(_KernelBackend):
         with tensors[outputs[0]].device:
             super()._execute(plan, tensors, outputs)
 
+    def _seconds(self, plan: Plan, arguments: dict[str, Any], out_role: str) -> float:
+        """Median of AUTOTUNE_REPEATS runs between CUDA events on the current stream, after a warm-up
+        (which also compiles).  The output is overwritten; the real run follows."""
+        import cupy
+
+        self._execute(plan, arguments, (out_role,))
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        times = []
+        for _ in range(AUTOTUNE_REPEATS):
+            start.record()
+            self._execute(plan, arguments, (out_role,))
+            stop.record()
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    def _device_model(self, like: Any) -> DeviceModel:
+        import cupy
+
+        return _cupy_device_model(like.device.id if like is not None else cupy.cuda.Device().id)
+
     def forward(self, x: Any, w: Any, bias: Any, problem: ConvProblem, out: Any) -> None:
         import cupy
 
         with out.device:
-            if matmul_1x1(cupy, x, w, bias, problem, out):
+            # cuBLAS in float32 for 1x1 layers, unless the tensor cores run the problem (16-bit
+            # types, TF32): they accumulate the same way as every other layer then.
+            if not self.uses_tensor_cores(problem, "fprop") and matmul_1x1(cupy, x, w, bias, problem, out):
                 return
         super().forward(x, w, bias, problem, out)
 

@@ -36,6 +36,7 @@ from ..kernel_catalog import (
     reduce_kernel,
 )
 from ..problem import ConvProblem
+from ..tensor_core_catalog import TcConfig
 
 # ----------------------------------------------------------------------------------------
 # The parameter struct (kernels/conv_params.cuh), field by field: (name, count of int64).
@@ -48,7 +49,7 @@ PARAM_FIELDS: tuple[tuple[str, int], ...] = (
     ("x_stride", 5), ("w_stride", 5), ("y_stride", 5),
     ("tiles_m", 1), ("tiles_n", 1), ("phases", 1), ("splits", 1), ("split_len", 1), ("ws_slice_stride", 1),
     ("epilogue", 1), ("has_bias", 1), ("a_kfast", 1), ("b_kfast", 1), ("a_vec", 1), ("channels_fastest", 1),
-    ("total", 1),
+    ("total", 1), ("b_vec", 1), ("out_nfast", 1),
 )
 PARAM_DTYPE = np.dtype(
     [(name, "<i8") if count == 1 else (name, "<i8", (count,)) for name, count in PARAM_FIELDS], align=True
@@ -105,6 +106,8 @@ class Plan:
     workspace: Workspace | None
     tile: Tile | None = None
     splits: int = 1
+    #: The tile configuration of a tensor-core plan (``algorithm == "tensor-core"``).
+    tensor_core: TcConfig | None = None
 
 
 def vector_width(dtype: str, tile: Tile) -> int:
@@ -195,14 +198,18 @@ class Planner:
         Shortest reduction slice of a split depthwise wgrad.
     max_splits : int
         Most split-K slices.
+    tensor_cores : TensorCorePlanner, optional
+        Consulted first for every non-depthwise problem (``backends.tensor_core_planner``);
+        None plans SIMT kernels only.
     """
 
     def __init__(self, *, target_blocks: int = 512, min_split_len: int = 512, depthwise_min_split_len: int = 4096,
-                 max_splits: int = 128) -> None:
+                 max_splits: int = 128, tensor_cores=None) -> None:
         self.target_blocks = target_blocks
         self.min_split_len = min_split_len
         self.depthwise_min_split_len = depthwise_min_split_len
         self.max_splits = max_splits
+        self.tensor_cores = tensor_cores
 
     # -- what can run
 
@@ -284,10 +291,11 @@ class Planner:
         p["epilogue"] = EPILOGUE_STORE
         return p
 
-    def plan(self, problem: ConvProblem, pass_: str, *, has_bias: bool = False) -> Plan:
+    def plan(self, problem: ConvProblem, pass_: str, *, has_bias: bool = False, device=None) -> Plan:
         """The launches for ``pass_`` (``"fprop"``, ``"dgrad"`` or ``"wgrad"``) of ``problem``.
 
-        ``has_bias`` (fprop only) fuses the bias into the output.
+        ``has_bias`` (fprop only) fuses the bias into the output; ``device`` (a
+        ``tensor_core_planner.DeviceModel``) is what the tensor-core planner plans for.
         """
         reason = self.unsupported(problem)
         if reason:
@@ -296,6 +304,10 @@ class Planner:
             raise ValueError(f"pass must be fprop, dgrad or wgrad, got {pass_!r}")
         if problem.is_depthwise:
             return getattr(self, f"_depthwise_{pass_}")(problem, has_bias)
+        if self.tensor_cores is not None:
+            plan = self.tensor_cores.plan(self, problem, pass_, has_bias, device)
+            if plan is not None:
+                return plan
         return getattr(self, f"_gemm_{pass_}")(problem, has_bias)
 
     def bias_plan(self, problem: ConvProblem, x_strides: Sequence[int], x_shape: Sequence[int]) -> Plan:

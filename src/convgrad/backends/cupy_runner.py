@@ -22,6 +22,10 @@ def _kernels_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+#: Dynamic shared memory a kernel may use without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+_DEFAULT_SHARED_LIMIT = 48 * 1024
+
+
 class CupyRunner(KernelRunner):
     """Compiles named instantiations with ``cupy.RawModule`` and launches them on CuPy's current stream.
 
@@ -77,6 +81,10 @@ class CupyRunner(KernelRunner):
         import cupy
 
         function = self._function(source, name_expression)
+        if shared_mem > _DEFAULT_SHARED_LIMIT and function.max_dynamic_shared_size_bytes < shared_mem:
+            # Above 48 KiB a kernel must opt in to more dynamic shared memory (the tensor-core
+            # kernels' multi-stage pipelines do; the planner keeps within the device's limit).
+            function.max_dynamic_shared_size_bytes = int(shared_mem)
         # CuPy passes a NumPy array of size one by value (its raw bytes), which is how a
         # structured scalar (the parameter struct) reaches the kernel.
         values = tuple(np.array(a).reshape(1) if isinstance(a, np.void) else a for a in args)

@@ -102,6 +102,12 @@ CASES: tuple[ConvCase, ...] = (
     _c2(2, 4, 6, (7, 6), (3, 3), padding=(1, 2), sliced=True, channels_last=True),
     _c2(2, 3, 4, (7, 8), (3, 4), padding="same", dilation=(2, 1)),
     _c2(2, 3, 4, (7, 8), (3, 3), padding="valid"),
+    # Channels-last with channel counts that are multiples of 8: the tensor-core kernels' fast
+    # path (16-byte cp.async tiles); then several k-tiles per tap (40 channels), several tiles
+    # along N (72), and a group whose input channels allow it and output channels do not.
+    _c2(2, 16, 16, (7, 9), (3, 3), stride=2, padding=1, channels_last=True),
+    _c2(1, 40, 72, (5, 6), (3, 3), padding=1, channels_last=True, small=False),
+    _c2(2, 16, 24, (6, 5), (3, 3), padding=1, groups=2, channels_last=True, small=False),
     _c2(2, 17, 33, (9, 9), (3, 3), padding=1, small=False),
     _c2(2, 3, 4, (33, 34), (3, 3), stride=1, padding=1, small=False),  # over 512 outputs per image: one GEMM per image
     ConvCase(1, 2, 3, 4, (17,), (5,), stride=2, padding=2),

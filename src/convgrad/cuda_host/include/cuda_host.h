@@ -55,7 +55,9 @@
 //
 // * CUDA_HOST_EMULATION is defined to 1 and __CUDA_ARCH__ is not defined, so arch-specific
 //   paths (`#if __CUDA_ARCH__ >= 800`) take their generic branch.  Inline PTX does not
-//   compile; see cuda_host_ptx.h for where tensor-core and cp.async emulation belongs.
+//   compile: kernels wrap it in device functions with a host body (cuda_host_ptx.h, which
+//   emulates cp.async with its copies deferred to the wait).  Tensor cores are reached
+//   through nvcuda::wmma (`#include <mma.h>`), emulated strictly in cuda_host_wmma.h.
 // * No floating-point contraction (-ffp-contract=off): a*b+c rounds twice unless the kernel
 //   calls fmaf.  NVRTC contracts by default, so host and GPU differ in the last bits there;
 //   both are deterministic.  The fast intrinsics (__expf, ...) are exact here.

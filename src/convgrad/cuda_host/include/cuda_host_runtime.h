@@ -30,6 +30,7 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -264,6 +265,15 @@ enum class FiberState : uint8_t { runnable, at_barrier, at_warp_op, exited };
 
 class Executor;
 
+// One cp.async a thread has issued that has not landed yet (cuda_host_ptx.h).  The source
+// bytes are read at issue; they reach `dst` only at the wait that covers `group`.
+struct PendingCopy {
+  unsigned char* dst;
+  uint64_t group;  // the thread's commit-group count when the copy was issued
+  unsigned bytes;
+  alignas(16) unsigned char data[16];
+};
+
 struct Fiber {
   Context ctx;
   FiberStack stack;
@@ -272,6 +282,9 @@ struct Fiber {
   unsigned linear = 0;
   FiberState state = FiberState::runnable;
   Executor* exec = nullptr;
+  // This thread's asynchronous copies, in issue order, and how many groups it has committed.
+  std::vector<PendingCopy> pending_copies;
+  uint64_t committed_copy_groups = 0;
 };
 
 // ---------------------------------------------------------------------------------------
@@ -348,6 +361,9 @@ class Executor {
 
   const char* message() const { return message_; }
 
+  // Dynamic shared memory of the running launch, in bytes.
+  size_t shared_mem_bytes() const { return shape_->shared_mem; }
+
   // Runs block `block_linear` (x fastest) to completion.  Returns false, with message(), if
   // the kernel failed (a deadlock, a misused intrinsic, __trap).
   bool run_block(const LaunchShape& shape, uint64_t block_linear) {
@@ -391,6 +407,9 @@ class Executor {
       f.state = FiberState::runnable;
       f.exec = this;
       f.fake_stack = nullptr;
+      // Copies a thread left pending when its block ended never land anywhere.
+      f.pending_copies.clear();
+      f.committed_copy_groups = 0;
       context_prepare(f.ctx, f.stack.lo(), f.stack.size(), &fiber_main, &f);
     }
     stacks_dirty_ = false;
