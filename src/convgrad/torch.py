@@ -459,6 +459,20 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
+def _check_tensors(op: str, **tensors: Any) -> None:
+    """A short TypeError naming the first argument that is not a tensor (``bias`` may be None).
+
+    Without it a NumPy array reaches the custom op, whose error prints the whole array.
+    """
+    for arg, value in tensors.items():
+        if value is None and arg == "bias":
+            continue
+        if not isinstance(value, Tensor):
+            got = "None" if value is None else f"{type(value).__module__}.{type(value).__name__}"
+            raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {got} (for NumPy, CuPy or Numba arrays "
+                            f"use convgrad.{op})")
+
+
 def _check_rank(op: str, arg: str, t: Tensor, ndim: int) -> bool:
     """Whether ``t`` is batched; a ValueError unless it has ndim + 1 or ndim + 2 dimensions."""
     if t.dim() not in (ndim + 1, ndim + 2):
@@ -469,6 +483,7 @@ def _check_rank(op: str, arg: str, t: Tensor, ndim: int) -> bool:
 def _conv(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
           groups: int, backend: str | None) -> Tensor:
     op = f"conv{ndim}d"
+    _check_tensors(op, input=input, weight=weight, bias=bias)
     batched = _check_rank(op, "input", input, ndim)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
@@ -482,6 +497,7 @@ def _conv(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride:
 def _conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any,
                     output_padding: Any, groups: int, dilation: Any, backend: str | None) -> Tensor:
     op = f"conv_transpose{ndim}d"
+    _check_tensors(op, input=input, weight=weight, bias=bias)
     batched = _check_rank(op, "input", input, ndim)
     args = [expand_param(op, name, value, ndim, minimum) for name, value, minimum in
             (("stride", stride, 1), ("padding", padding, 0), ("output_padding", output_padding, 0),
@@ -496,6 +512,7 @@ def _conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | Non
 def _conv_input(ndim: int, input_size: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Any, padding: Any,
                 dilation: Any, groups: int, backend: str | None) -> Tensor:
     op = f"conv{ndim}d_input"
+    _check_tensors(op, weight=weight, grad_output=grad_output)
     batched = _check_rank(op, "grad_output", grad_output, ndim)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
@@ -510,6 +527,7 @@ def _conv_input(ndim: int, input_size: Sequence[int], weight: Tensor, grad_outpu
 def _conv_weight(ndim: int, input: Tensor, weight_size: Sequence[int], grad_output: Tensor, stride: Any, padding: Any,
                  dilation: Any, groups: int, backend: str | None) -> Tensor:
     op = f"conv{ndim}d_weight"
+    _check_tensors(op, input=input, grad_output=grad_output)
     batched = _check_rank(op, "input", input, ndim)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
@@ -523,6 +541,7 @@ def _conv_weight(ndim: int, input: Tensor, weight_size: Sequence[int], grad_outp
 
 def conv_bias_grad(grad_output: Tensor, *, backend: str | None = None) -> Tensor:
     """The bias gradient of a convolution: ``grad_output`` (N, K, *spatial) summed to (K,)."""
+    _check_tensors("conv_bias_grad", grad_output=grad_output)
     return _conv_bias_grad_op(grad_output, backend)
 
 
