@@ -6,11 +6,12 @@
   simulator, the sanitized ``cupy-host``) run ``-m small``.
 * ``slow`` marks cases for GPU runs; they are deselected unless ``--run-slow`` is given.
 
-With pytest-xdist (``-n auto --dist loadfile`` in pyproject's addopts), files spread over
-the cores, each file on one worker, so that a module-scoped fixture (a batch of child
-processes, a compile of every kernel) runs once.  Child pytest processes started from inside
-the suite (the Numba simulator, the sanitized ``cupy-host``) run without xdist: the workers
-already use every core.
+On machines with more than two cores, ``pytest -n auto --dist loadfile`` (pytest-xdist)
+spreads the files over the cores; ``loadfile`` keeps each file on one worker, so that a
+module-scoped fixture (a batch of child processes, a compile of every kernel) runs once.
+(``--dist loadgroup`` does not group anything with pytest 9.2 and xdist 3.8.)  Child pytest
+processes started from inside the suite (the Numba simulator, the sanitized ``cupy-host``)
+then run without xdist: the workers already use every core.
 """
 
 from __future__ import annotations
