@@ -5,9 +5,18 @@
 * ``small`` marks cases cheap enough for the emulators; child processes (the Numba
   simulator, the sanitized ``cupy-host``) run ``-m small``.
 * ``slow`` marks cases for GPU runs; they are deselected unless ``--run-slow`` is given.
+
+On machines with more than two cores, ``pytest -n auto --dist loadfile`` (pytest-xdist)
+spreads the files over the cores; ``loadfile`` keeps each file on one worker, so that a
+module-scoped fixture (a batch of child processes, a compile of every kernel) runs once.
+(``--dist loadgroup`` does not group anything with pytest 9.2 and xdist 3.8.)  Child pytest
+processes started from inside the suite (the Numba simulator, the sanitized ``cupy-host``)
+then run without xdist: the workers already use every core.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -22,6 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "small: cheap enough for the emulated backends")
     config.addinivalue_line("markers", "slow: GPU-sized; deselected unless --run-slow")
+    if config.pluginmanager.hasplugin("xdist"):
+        # Read by child `python -m pytest` processes only: this process parsed its options already.
+        os.environ["PYTEST_ADDOPTS"] = f"{os.environ.get('PYTEST_ADDOPTS', '')} -n 0".strip()
 
 
 def backends_under_test(config: pytest.Config) -> list[str]:
@@ -48,3 +60,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
+

@@ -95,7 +95,90 @@ BAD_CALLS = [
      lambda b: convgrad.conv_transpose2d(np.zeros((1, 5, 4, 4), np.float32), w, backend=b)),
     ("bias grad rank", None, ValueError, "grad_output must be batched",
      lambda b: convgrad.conv_bias_grad(np.zeros(4, np.float32), backend=b)),
+    ("input is None", TypeError, None, "conv2d: input must be a NumPy, CuPy or Numba device array, got None",
+     lambda b: convgrad.conv2d(None, w, groups=2, backend=b)),
+    ("read-only out", None, ValueError, "conv2d: out is read-only; give a writable array",
+     lambda b: convgrad.conv2d(x, w, groups=2, out=_read_only((2, 6, 5, 5)), backend=b)),
+    ("read-only out of dgrad", None, ValueError, "conv2d_input: out is read-only",
+     lambda b: convgrad.conv2d_input(x.shape, w, np.zeros((2, 6, 5, 5), np.float32), groups=2,
+                                     out=_read_only(x.shape), backend=b)),
+    ("NCHW arrays with channels_last=True", None, ValueError,
+     r"input has 8 channels but weight expects 3 \(weight.shape\[1\]=3 × groups=1\); "
+     r"read as channels-first arrays \(channels_last=False\) the shapes match",
+     lambda b: convgrad.conv2d(np.zeros((2, 3, 8, 8), np.float32), np.zeros((16, 3, 3, 3), np.float32),
+                               channels_last=True, backend=b)),
+    ("NHWC arrays without channels_last", None, ValueError,
+     r"input has 8 channels but weight expects 3 .*; read as channels-last arrays \(channels_last=True\) the shapes match",
+     lambda b: convgrad.conv2d(np.zeros((2, 8, 8, 3), np.float32), np.zeros((16, 3, 3, 3), np.float32),
+                               backend=b)),
+    ("grouped NCHW arrays with channels_last=True", None, ValueError,
+     r"groups=2 does not divide the 7 input channels; read as channels-first arrays \(channels_last=False\)",
+     lambda b: convgrad.conv2d(x, w, groups=2, channels_last=True, backend=b)),
+    ("NCHW input_size with channels_last=True", None, ValueError, "read as channels-first arrays",
+     lambda b: convgrad.conv2d_input((2, 3, 8, 8), np.zeros((16, 3, 3, 3), np.float32),
+                                     np.zeros((2, 6, 6, 16), np.float32), channels_last=True, backend=b)),
+    ("transposed NCHW arrays with channels_last=True", None, ValueError,
+     r"input has 4 channels but weight expects 6 .*; read as channels-first arrays \(channels_last=False\)",
+     lambda b: convgrad.conv_transpose2d(np.zeros((1, 6, 4, 4), np.float32), w, channels_last=True, backend=b)),
 ]
+
+
+def _read_only(shape):
+    array = np.zeros(shape, np.float32)
+    array.flags.writeable = False
+    return array
+
+
+def _array_arguments():
+    """(label, call, argument) for every array argument of every public function, given a bad value.
+
+    Required arrays get None; the optional ones (bias, out) get a list, since None is their default.
+    """
+    for ndim in (1, 2, 3):
+        xs = np.zeros((2, 4, *(7,) * ndim), np.float32)
+        ws = np.zeros((6, 2, *(3,) * ndim), np.float32)
+        dys = np.zeros((2, 6, *(5,) * ndim), np.float32)
+        conv = getattr(convgrad, f"conv{ndim}d")
+        conv_input = getattr(convgrad, f"conv{ndim}d_input")
+        conv_weight = getattr(convgrad, f"conv{ndim}d_weight")
+        transpose = getattr(convgrad, f"conv_transpose{ndim}d")
+        calls = {
+            conv: lambda a, fn=conv: fn(a["input"], a["weight"], a["bias"], groups=2, out=a["out"], backend=a["b"]),
+            conv_input: lambda a, fn=conv_input, size=xs.shape: fn(size, a["weight"], a["grad_output"], groups=2,
+                                                                   out=a["out"], backend=a["b"]),
+            conv_weight: lambda a, fn=conv_weight, size=ws.shape: fn(a["input"], size, a["grad_output"], groups=2,
+                                                                     out=a["out"], backend=a["b"]),
+            transpose: lambda a, fn=transpose: fn(a["input"], a["weight"], a["bias"], groups=2, out=a["out"],
+                                                  backend=a["b"]),
+        }
+        arguments = {
+            conv: {"input": xs, "weight": ws, "bias": None, "out": None},
+            conv_input: {"weight": ws, "grad_output": dys, "out": None},
+            conv_weight: {"input": xs, "grad_output": dys, "out": None},
+            transpose: {"input": dys, "weight": np.zeros((6, 2, *(3,) * ndim), np.float32), "bias": None, "out": None},
+        }
+        for fn, good in arguments.items():
+            for arg in good:
+                bad_value = [0.0] if arg in ("bias", "out") else None
+                yield pytest.param(calls[fn], {**good, arg: bad_value}, fn.__name__, arg,
+                                   id=f"{fn.__name__}-{arg}")
+    yield pytest.param(lambda a: convgrad.conv_bias_grad(a["grad_output"], backend=a["b"]), {"grad_output": None},
+                       "conv_bias_grad", "grad_output", id="conv_bias_grad-grad_output")
+
+
+@pytest.mark.parametrize("call, arguments, op, arg", list(_array_arguments()))
+def test_every_array_argument_is_checked_and_named(call, arguments, op, arg) -> None:
+    _Refusing.calls = 0
+    got = "None" if arguments[arg] is None else "list"
+    with pytest.raises(TypeError, match=rf"^{op}: {arg} must be a NumPy, CuPy or Numba device array, got {got}$"):
+        call({**arguments, "b": _Refusing()})
+    assert _Refusing.calls == 0
+
+
+def test_a_real_channel_mismatch_gets_no_layout_hint() -> None:
+    with pytest.raises(ValueError, match="input has 4 channels but weight expects 6") as error:
+        convgrad.conv2d(x, np.zeros((6, 3, 3, 3), np.float32), groups=2, backend=_Refusing())
+    assert "read as" not in str(error.value)
 
 
 def _alias_grad_output(backend):
@@ -117,6 +200,25 @@ def test_torch_tensor_points_to_convgrad_torch() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="use convgrad.torch"):
         convgrad.conv2d(torch.zeros(2, 4, 7, 7), w, groups=2)
+
+
+@pytest.mark.parametrize("arg", ["input", "weight"])
+def test_torch_function_given_an_array_is_a_short_type_error(arg, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    import convgrad.torch as ct
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("convgrad ran although the input was bad")
+
+    monkeypatch.setattr(convgrad.functional, "_run", no_work)
+    big = np.arange(4 * 4 * 3 * 3, dtype=np.float32).reshape(4, 4, 3, 3)
+    tensors = {"input": torch.zeros(2, 4, 7, 7), "weight": torch.from_numpy(big)}
+    tensors[arg] = np.zeros((2, 4, 7, 7), np.float32) if arg == "input" else big
+    with pytest.raises(TypeError, match=rf"^conv2d: {arg} must be a torch.Tensor, got numpy.ndarray \(for NumPy, "
+                                        r"CuPy or Numba arrays use convgrad.conv2d\)$"):
+        ct.conv2d(tensors["input"], tensors["weight"])
+    with pytest.raises(TypeError, match="^conv2d_weight: grad_output must be a torch.Tensor, got None"):
+        ct.conv2d_weight(torch.zeros(2, 4, 7, 7), (4, 4, 3, 3), None)
 
 
 def test_unknown_backend_is_named() -> None:

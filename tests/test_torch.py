@@ -378,7 +378,9 @@ def test_patch_unpatch_round_trip():
     state = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert ct.patch(model, backend="numpy") is model
-    assert [type(m) for m in model.modules()][1:] == [ct.Conv2d, nn.Sequential, ct.ConvTranspose2d, ct.Conv1d, Custom]
+    types = [type(m) for m in model.modules()][1:]
+    assert types[:4] == [ct.Conv2d, nn.Sequential, ct.ConvTranspose2d, ct.Conv1d]
+    assert issubclass(types[4], Custom) and issubclass(types[4], ct.Conv2d)  # a subclass keeps its class too
     assert all(m.backend == "numpy" for m in model.modules() if isinstance(m, (ct.Conv2d, ct.ConvTranspose2d)))
     assert "backend='numpy'" in repr(model)
     assert list(model.parameters()) == parameters and list(model.state_dict()) == list(state)
@@ -391,6 +393,126 @@ def test_patch_unpatch_round_trip():
     assert not hasattr(model[0], "backend") and list(model.parameters()) == parameters
     conv = ct.patch(nn.Conv3d(1, 1, 1))  # a convolution as the model itself
     assert type(ct.unpatch(conv)) is nn.Conv3d
+
+
+@pytest.fixture
+def convgrad_calls(monkeypatch):
+    """Names of the convgrad functional entry points called, in order."""
+    calls = []
+    for name in ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"):
+        real = getattr(convgrad.functional, name)
+
+        def spy(*args, _name=name, _real=real, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(convgrad.functional, name, spy)
+    return calls
+
+
+def test_lazy_layers_are_patched_when_they_materialise(convgrad_calls):
+    model = nn.Sequential(nn.LazyConv2d(4, 3, padding=1), nn.ReLU(), nn.LazyConvTranspose2d(2, 2, stride=2))
+    ct.patch(model, backend="numpy")
+    report = ct.patch_report(model)
+    assert report.lazy == ["0", "2"] and report.patched == [] and report.skipped == []
+    x = torch.randn(2, 3, 5, 5)
+    y = model(x)  # the first forward materialises the layers, and already runs on convgrad
+    assert convgrad_calls == ["conv2d", "conv_transpose2d"]
+    assert type(model[0]) is ct.Conv2d and type(model[2]) is ct.ConvTranspose2d
+    assert model[0].backend == "numpy" and model[0].weight.shape == (4, 3, 3, 3)
+    expected = F.conv_transpose2d(F.relu(F.conv2d(x, model[0].weight, model[0].bias, padding=1)), model[2].weight,
+                                  model[2].bias, stride=2)
+    torch.testing.assert_close(y, expected)
+    assert ct.patch_report(model).patched == ["0", "2"]
+    assert type(ct.unpatch(model)[0]) is nn.Conv2d
+
+
+def test_lazy_layer_unpatched_before_it_materialises_stays_torch():
+    model = ct.unpatch(ct.patch(nn.Sequential(nn.LazyConv1d(2, 3))))
+    model(torch.randn(1, 3, 8))
+    assert type(model[0]) is nn.Conv1d and not hasattr(model[0], "backend")
+
+
+class _ScaledWeightConv2d(nn.Conv2d):
+    """A subclass whose forward changes the weight, then uses nn.Conv2d's convolution (as QAT layers do)."""
+
+    def forward(self, input):
+        return self._conv_forward(input, 2 * self.weight, self.bias)
+
+
+class _SuperForwardTranspose1d(nn.ConvTranspose1d):
+    def forward(self, input, output_size=None):
+        return super().forward(input, output_size) + 1
+
+
+class _OwnConvolution2d(nn.Conv2d):
+    def forward(self, input):
+        return F.conv2d(input, self.weight.flip(-1), self.bias)
+
+
+class _OwnConvForward2d(nn.Conv2d):
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, weight - weight.mean(), bias)
+
+
+def test_subclasses_that_use_the_torch_convolution_are_patched(convgrad_calls):
+    model = nn.Sequential(_ScaledWeightConv2d(3, 4, 3), _SuperForwardTranspose1d(2, 3, 3))
+    native = copy.deepcopy(model)
+    ct.patch(model, backend="numpy")
+    assert isinstance(model[0], _ScaledWeightConv2d) and isinstance(model[0], ct.Conv2d)
+    assert isinstance(model[1], _SuperForwardTranspose1d) and isinstance(model[1], ct.ConvTranspose1d)
+    assert ct.patch_report(model).patched == ["0", "1"]
+    x, z = torch.randn(2, 3, 6, 6), torch.randn(2, 2, 5)
+    torch.testing.assert_close(model[0](x), native[0](x))
+    torch.testing.assert_close(model[1](z), native[1](z))
+    assert convgrad_calls == ["conv2d", "conv_transpose1d"]
+    ct.unpatch(model)
+    assert type(model[0]) is _ScaledWeightConv2d and type(model[1]) is _SuperForwardTranspose1d
+
+
+def test_layers_that_cannot_be_patched_warn_once_each_and_are_reported(caplog, convgrad_calls):
+    import logging
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _OwnConvolution2d(3, 3, 1), _OwnConvForward2d(3, 3, 1),
+                          nn.Conv2d(3, 3, 1, dtype=torch.complex64))
+    with caplog.at_level(logging.INFO, logger="convgrad.torch"), pytest.warns(ct.PatchWarning) as warned:
+        assert ct.patch(model) is model
+    messages = [str(w.message) for w in warned]
+    assert messages == [
+        f"convgrad.torch.patch: 1 ({__name__}._OwnConvolution2d) stays on PyTorch: its forward computes the "
+        "convolution itself (it does not call _conv_forward or super().forward)",
+        f"convgrad.torch.patch: 2 ({__name__}._OwnConvForward2d) stays on PyTorch: it overrides _conv_forward, so "
+        "its convolution is its own, not Conv2d's",
+        "convgrad.torch.patch: 3 (torch.nn.modules.conv.Conv2d) stays on PyTorch: its weight is torch.complex64; "
+        "convgrad computes float16, bfloat16, float32 and float64",
+    ]
+    assert [r.getMessage() for r in caplog.records if r.name == "convgrad.torch"] == [
+        "convgrad.torch.patch: 1 of 4 convolution layers run on convgrad; 3 stay on PyTorch (1, 2, 3)"]
+    report = ct.patch_report(model)
+    assert [(layer.name, layer.status) for layer in report.layers] == [
+        ("0", "patched"), ("1", "skipped"), ("2", "skipped"), ("3", "skipped")]
+    assert report.layers[2].reason.startswith("it overrides _conv_forward")
+    assert [type(m) for m in model] == [ct.Conv2d, _OwnConvolution2d, _OwnConvForward2d, nn.Conv2d]
+    model[1:3](torch.randn(1, 3, 4, 4))  # the skipped layers still work, on PyTorch
+    assert convgrad_calls == []
+
+
+def test_strict_patch_raises_and_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(_OwnConvForward2d(3, 3, 1)))
+    with pytest.raises(ValueError, match=rf"^patch\(strict=True\): 1 convolution layer\(s\) cannot run on convgrad: "
+                                         rf"1.0 \({__name__}._OwnConvForward2d\): it overrides _conv_forward"):
+        ct.patch(model, strict=True)
+    assert type(model[0]) is nn.Conv2d
+    with pytest.raises(ValueError, match="was not patched"):
+        ct.patch_report(model)
+    assert ct.patch(nn.Sequential(nn.Conv2d(3, 3, 1), nn.LazyConv2d(2, 1)), strict=True)  # nothing to refuse
+
+
+def test_patch_rejects_an_unknown_backend_before_changing_anything():
+    model = nn.Conv2d(1, 1, 1)
+    with pytest.raises(ValueError, match="patch: unknown backend 'nmpy'; registered backends: numpy"):
+        ct.patch(model, backend="nmpy")
+    assert type(model) is nn.Conv2d
 
 
 # ----------------------------------------------------------------------------------------

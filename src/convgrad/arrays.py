@@ -26,7 +26,8 @@ def array_kind(value: Any, op: str = "convgrad", arg: str = "input") -> str:
         raise TypeError(
             f"{op}: {arg} is a torch.Tensor; use convgrad.torch (its functions and modules take tensors)"
         )
-    raise TypeError(f"{op}: {arg} must be a NumPy, CuPy or Numba device array, got {type(value).__name__}")
+    got = "None" if value is None else type(value).__name__
+    raise TypeError(f"{op}: {arg} must be a NumPy, CuPy or Numba device array, got {got}")
 
 
 def device_of(value: Any, kind: str) -> int | None:
@@ -43,9 +44,12 @@ def device_of(value: Any, kind: str) -> int | None:
     return None
 
 
-def check_same_library(op: str, **arrays: Any) -> str:
-    """The common array kind of the given arrays; TypeError if they mix libraries or devices."""
-    kinds = {arg: array_kind(a, op, arg) for arg, a in arrays.items() if a is not None}
+def check_same_library(op: str, /, *, optional: tuple[str, ...] = ("bias",), **arrays: Any) -> str:
+    """The common array kind of the given arrays; TypeError if they mix libraries or devices.
+
+    Arguments named in ``optional`` may be None; any other None is a TypeError naming it.
+    """
+    kinds = {arg: array_kind(a, op, arg) for arg, a in arrays.items() if a is not None or arg not in optional}
     first_arg, first = next(iter(kinds.items()))
     for arg, kind in kinds.items():
         if kind != first:

@@ -1,7 +1,8 @@
-"""The ``convgrad`` command: ``info``, ``check``, ``bench``, ``explain``.
+"""The ``convgrad`` command: ``info``, ``check``, ``bench``, ``explain``, ``cache``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; it is imported only when it is the one asked for.
+``run(args) -> int``; it is imported only when it is the one asked for.  ``--version``
+prints the version; without a subcommand the help goes to stderr and the status is 2.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ SUBCOMMANDS = {
     "check": ("convgrad.check", "run every pass on every available backend against the float64 reference"),
     "bench": ("convgrad.bench.cli", "time every pass on built-in layer suites, beside PyTorch"),
     "explain": ("convgrad.explain", "derive the three passes of a small convolution symbolically"),
+    "cache": ("convgrad.cache", "where compiled kernels are kept on disk, their sizes; --clear deletes them"),
 }
 
 
 def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object]:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="convgrad", description="convgrad: the three passes of a convolution")
+    parser.add_argument("--version", action="version", version=f"convgrad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     module = None
@@ -36,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = _parser(argv)
     if module is None:
-        parser.parse_args(argv)  # reports an unknown subcommand, or prints --help
-        parser.print_help()
-        return 0 if not argv else 2
+        parser.parse_args(argv)  # --help, --version, or an unknown subcommand: each exits here
+        parser.print_help(sys.stderr)  # no subcommand: a usage error, as argparse reports them
+        return 2
     args = parser.parse_args(argv)
     return int(module.run(args) or 0)  # type: ignore[union-attr]

@@ -80,6 +80,8 @@ def _check_out(op: str, out: Any, kind: str, shape: tuple[int, ...], dtype: Any,
         raise TypeError(f"{op}: out has dtype {out.dtype} but the result has dtype {np.dtype(dtype)}")
     if arrays.has_internal_overlap(out):
         raise ValueError(f"{op}: out has overlapping elements (strides {out.strides}); give a writable array")
+    if kind == "numpy" and not out.flags.writeable:
+        raise ValueError(f"{op}: out is read-only; give a writable array")
     for arg, value in inputs.items():
         if value is not None and arrays.may_overlap(kind, out, value):
             raise ValueError(f"{op}: out overlaps {arg}; give a separate output array")

@@ -1,13 +1,22 @@
 """Options that change numerics or resources: per call, else ``config(...)``, else environment.
 
-==================  =========================  =======
-option              environment variable       default
-==================  =========================  =======
-``deterministic``   ``CONVGRAD_DETERMINISTIC``  True
-``allow_tf32``      ``CONVGRAD_ALLOW_TF32``     False
-``autotune``        ``CONVGRAD_AUTOTUNE``       False
-``workspace_mb``    ``CONVGRAD_WORKSPACE_MB``   256
-==================  =========================  =======
+==================  ==========================  =======  ==================================================
+option              environment variable        default  effect
+==================  ==========================  =======  ==================================================
+``deterministic``   ``CONVGRAD_DETERMINISTIC``  True     dgrad/wgrad without floating-point atomics, results
+                                                         bit-identical run to run; False lets ``cupy`` add
+                                                         split-K slices with atomics
+``allow_tf32``      ``CONVGRAD_ALLOW_TF32``     False    TF32 for float32 on tensor cores; no kernel uses
+                                                         TF32 yet, so it changes nothing today
+``autotune``        ``CONVGRAD_AUTOTUNE``       False    reserved for choosing tiles by timing them, which
+                                                         arrives with the tensor-core kernels; no effect today
+``workspace_mb``    ``CONVGRAD_WORKSPACE_MB``   256      the ``numpy`` backend's cap on temporary memory, MiB
+==================  ==========================  =======  ==================================================
+
+``deterministic`` and ``allow_tf32`` can also be given per call; ``autotune`` and
+``workspace_mb`` only through ``config`` or the environment.  Booleans in the environment
+are ``1/0``, ``true/false``, ``yes/no`` or ``on/off``.  The README's settings table lists
+these with every other environment variable convgrad reads.
 """
 
 from __future__ import annotations

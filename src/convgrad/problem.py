@@ -366,6 +366,37 @@ def check_channels(op: str, C: int, K: int, w_channels: int, groups: int, *, wei
         )
 
 
+def _other_layout_hint(op: str, ndim: int, x_shape: Sequence[int], w_shape: Sequence[int], groups: int,
+                       channels_last: bool, *, transposed: bool = False) -> str:
+    """A clause for a channel mismatch that disappears in the other layout (NCHW read as NHWC or back)."""
+    other = not channels_last
+    try:
+        _, _, C, _ = split_activation(op, "input", x_shape, ndim, other)
+        K, w_channels, _ = split_weight(op, "weight", w_shape, ndim, other)
+    except ValueError:
+        return ""
+    if transposed:
+        matches = C == K and C % groups == 0
+    else:
+        matches = C == w_channels * groups and C % groups == 0 and K % groups == 0
+    if not matches:
+        return ""
+    layout = "channels-last" if other else "channels-first"
+    return f"; read as {layout} arrays (channels_last={other}) the shapes match"
+
+
+def _check_channels_or_hint(op: str, check: Any, ndim: int, x_shape: Sequence[int], w_shape: Sequence[int],
+                            groups: int, channels_last: bool, *, transposed: bool = False) -> None:
+    """Run the channel check ``check()``; a failure that the other layout would fix says so."""
+    try:
+        check()
+    except ValueError as error:
+        hint = _other_layout_hint(op, ndim, x_shape, w_shape, groups, channels_last, transposed=transposed)
+        if not hint:
+            raise
+        raise ValueError(f"{error}{hint}") from None
+
+
 def conv_problem(
     op: str,
     ndim: int,
@@ -392,7 +423,8 @@ def conv_problem(
     groups = check_groups(op, groups)
     batched, N, C, spatial = split_activation(op, x_arg, x_shape, ndim, channels_last)
     K, w_channels, kernel = split_weight(op, w_arg, w_shape, ndim, channels_last)
-    check_channels(op, C, K, w_channels, groups, weight_arg=w_arg)
+    _check_channels_or_hint(op, lambda: check_channels(op, C, K, w_channels, groups, weight_arg=w_arg), ndim,
+                            x_shape, w_shape, groups, channels_last)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
     before, after = normalize_padding(op, padding, ndim, kernel, stride_, dilation_)
@@ -436,10 +468,13 @@ def transposed_problem(
     groups = check_groups(op, groups)
     batched, N, K, y_spatial = split_activation(op, "input", x_shape, ndim, channels_last)
     wK, c_per_group, kernel = split_weight(op, "weight", w_shape, ndim, channels_last)
-    if K % groups:
-        raise ValueError(f"{op}: groups={groups} does not divide the {K} input channels")
-    if K != wK:
-        raise ValueError(f"{op}: input has {K} channels but weight expects {wK} (weight.shape[0]={wK})")
+    def check() -> None:
+        if K % groups:
+            raise ValueError(f"{op}: groups={groups} does not divide the {K} input channels")
+        if K != wK:
+            raise ValueError(f"{op}: input has {K} channels but weight expects {wK} (weight.shape[0]={wK})")
+
+    _check_channels_or_hint(op, check, ndim, x_shape, w_shape, groups, channels_last, transposed=True)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
     before, after = normalize_padding(op, padding, ndim, kernel, stride_, dilation_, allow_modes=False, allow_pairs=False)

@@ -39,6 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import warnings
+import weakref
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -46,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from convgrad import functional
+from convgrad.backends import registered as registered_backends
 from convgrad.nn import transposed_as_conv
 from convgrad.problem import expand_param, normalize_padding
 
@@ -69,7 +74,11 @@ __all__ = [
     "conv_transpose1d",
     "conv_transpose2d",
     "conv_transpose3d",
+    "PatchReport",
+    "PatchWarning",
+    "PatchedLayer",
     "patch",
+    "patch_report",
     "unpatch",
 ]
 
@@ -459,6 +468,20 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
+def _check_tensors(op: str, **tensors: Any) -> None:
+    """A short TypeError naming the first argument that is not a tensor (``bias`` may be None).
+
+    Without it a NumPy array reaches the custom op, whose error prints the whole array.
+    """
+    for arg, value in tensors.items():
+        if value is None and arg == "bias":
+            continue
+        if not isinstance(value, Tensor):
+            got = "None" if value is None else f"{type(value).__module__}.{type(value).__name__}"
+            raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {got} (for NumPy, CuPy or Numba arrays "
+                            f"use convgrad.{op})")
+
+
 def _check_rank(op: str, arg: str, t: Tensor, ndim: int) -> bool:
     """Whether ``t`` is batched; a ValueError unless it has ndim + 1 or ndim + 2 dimensions."""
     if t.dim() not in (ndim + 1, ndim + 2):
@@ -469,6 +492,7 @@ def _check_rank(op: str, arg: str, t: Tensor, ndim: int) -> bool:
 def _conv(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
           groups: int, backend: str | None) -> Tensor:
     op = f"conv{ndim}d"
+    _check_tensors(op, input=input, weight=weight, bias=bias)
     batched = _check_rank(op, "input", input, ndim)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
@@ -482,6 +506,7 @@ def _conv(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride:
 def _conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any,
                     output_padding: Any, groups: int, dilation: Any, backend: str | None) -> Tensor:
     op = f"conv_transpose{ndim}d"
+    _check_tensors(op, input=input, weight=weight, bias=bias)
     batched = _check_rank(op, "input", input, ndim)
     args = [expand_param(op, name, value, ndim, minimum) for name, value, minimum in
             (("stride", stride, 1), ("padding", padding, 0), ("output_padding", output_padding, 0),
@@ -496,6 +521,7 @@ def _conv_transpose(ndim: int, input: Tensor, weight: Tensor, bias: Tensor | Non
 def _conv_input(ndim: int, input_size: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Any, padding: Any,
                 dilation: Any, groups: int, backend: str | None) -> Tensor:
     op = f"conv{ndim}d_input"
+    _check_tensors(op, weight=weight, grad_output=grad_output)
     batched = _check_rank(op, "grad_output", grad_output, ndim)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
@@ -510,6 +536,7 @@ def _conv_input(ndim: int, input_size: Sequence[int], weight: Tensor, grad_outpu
 def _conv_weight(ndim: int, input: Tensor, weight_size: Sequence[int], grad_output: Tensor, stride: Any, padding: Any,
                  dilation: Any, groups: int, backend: str | None) -> Tensor:
     op = f"conv{ndim}d_weight"
+    _check_tensors(op, input=input, grad_output=grad_output)
     batched = _check_rank(op, "input", input, ndim)
     stride_ = expand_param(op, "stride", stride, ndim, 1)
     dilation_ = expand_param(op, "dilation", dilation, ndim, 1)
@@ -523,6 +550,7 @@ def _conv_weight(ndim: int, input: Tensor, weight_size: Sequence[int], grad_outp
 
 def conv_bias_grad(grad_output: Tensor, *, backend: str | None = None) -> Tensor:
     """The bias gradient of a convolution: ``grad_output`` (N, K, *spatial) summed to (K,)."""
+    _check_tensors("conv_bias_grad", grad_output=grad_output)
     return _conv_bias_grad_op(grad_output, backend)
 
 
@@ -732,40 +760,246 @@ _PATCHED = {
     nn.ConvTranspose3d: ConvTranspose3d,
 }
 _ORIGINAL = {patched: original for original, patched in _PATCHED.items()}
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Classes made by patch() for subclasses of the torch.nn convolutions: user class -> patched class.
+_PATCHED_SUBCLASSES: dict[type, type] = {}
+#: The report of the last patch() of each model (see patch_report), kept without holding the model.
+_REPORTS: "weakref.WeakKeyDictionary[nn.Module, tuple[Optional[str], list[tuple[str, str, Any, str]]]]" = \
+    weakref.WeakKeyDictionary()
+_log = logging.getLogger(__name__)
 
 
-def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Make every ``nn.ConvNd`` / ``nn.ConvTransposeNd`` in ``model`` run on convgrad, in place.
+class PatchWarning(UserWarning):
+    """A convolution layer that :func:`patch` left on PyTorch, with the reason."""
 
-    Each module changes class to convgrad's subclass and keeps its parameters (the same
-    ``Parameter`` objects, so an optimizer built before still works), buffers, hooks and
-    ``state_dict`` keys.  Modules of user-defined subclasses are left alone.  Patching a
-    patched model changes the backend.
+
+@dataclass(frozen=True)
+class PatchedLayer:
+    """One convolution layer of a patched model.
+
+    ``status`` is ``"patched"`` (runs on convgrad), ``"lazy"`` (an uninitialised lazy layer:
+    it becomes convgrad's on its first forward) or ``"skipped"`` (stays on PyTorch; ``reason``
+    says why).
+    """
+
+    name: str
+    layer_type: str
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """What the last :func:`patch` of a model did, layer by layer; ``str()`` is the one-line summary."""
+
+    backend: Optional[str]
+    layers: tuple[PatchedLayer, ...]
+
+    def _named(self, status: str) -> list[str]:
+        return [layer.name for layer in self.layers if layer.status == status]
+
+    @property
+    def patched(self) -> list[str]:
+        return self._named("patched")
+
+    @property
+    def lazy(self) -> list[str]:
+        return self._named("lazy")
+
+    @property
+    def skipped(self) -> list[str]:
+        return self._named("skipped")
+
+    def __str__(self) -> str:
+        total = len(self.layers)
+        if not total:
+            return "convgrad.torch.patch: no convolution layers found"
+        text = f"convgrad.torch.patch: {len(self.patched)} of {total} convolution layers run on convgrad"
+        if self.lazy:
+            text += f", {len(self.lazy)} more from their first forward (lazy)"
+        if self.skipped:
+            text += f"; {len(self.skipped)} stay on PyTorch ({', '.join(map(_display, self.skipped))})"
+        return text + (f"; backend {self.backend}" if self.backend else "")
+
+
+def _display(name: str) -> str:
+    return name or "(the model itself)"
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _torch_base(cls: type) -> Optional[type]:
+    """The torch.nn convolution class that ``cls`` is or derives from, else None."""
+    return next((base for base in cls.__mro__ if base in _PATCHED), None)
+
+
+def _calls(function: Any, *names: str) -> bool:
+    """Whether the code of ``function`` refers to any of ``names`` (attribute or global names it uses)."""
+    code = getattr(function, "__code__", None)
+    return code is not None and any(name in code.co_names for name in names)
+
+
+def _why_not(cls: type) -> str:
+    """Why layers of class ``cls`` (a subclass of a torch.nn convolution) cannot be patched; '' when they can."""
+    base = _torch_base(cls)
+    assert base is not None
+    transposed = issubclass(base, nn.modules.conv._ConvTransposeNd)
+    if not transposed and cls._conv_forward is not base._conv_forward:
+        return f"it overrides _conv_forward, so its convolution is its own, not {base.__name__}'s"
+    if cls.forward is not base.forward:
+        # Its own forward reaches the convolution through super().forward (or Base.forward), or,
+        # for ConvNd, through _conv_forward: exactly the methods convgrad replaces.
+        through = ("forward",) if transposed else ("forward", "_conv_forward")
+        if not _calls(cls.forward, *through):
+            route = "super().forward" if transposed else "_conv_forward or super().forward"
+            return f"its forward computes the convolution itself (it does not call {route})"
+    return ""
+
+
+def _replacement(cls: type) -> type:
+    """convgrad's class for layers of class ``cls``: convgrad's own for the torch.nn classes, else a subclass.
+
+    For a user's subclass ``C`` of, say, ``nn.Conv2d`` it is ``class C(C, convgrad.torch.Conv2d)``: C's
+    methods come first, then convgrad's ``_conv_forward`` in place of ``nn.Conv2d``'s.  A lazy
+    class is treated the same way, and becomes convgrad's class when it materialises.
+    """
+    if cls in _PATCHED:
+        return _PATCHED[cls]
+    if cls not in _PATCHED_SUBCLASSES:
+        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_convgrad_replaces": cls}
+        if issubclass(cls, nn.modules.lazy.LazyModuleMixin) and cls.cls_to_become is not None:
+            attributes["cls_to_become"] = _replacement(cls.cls_to_become)
+        _PATCHED_SUBCLASSES[cls] = type(cls.__name__, (cls, _PATCHED[_torch_base(cls)]), attributes)
+    return _PATCHED_SUBCLASSES[cls]
+
+
+def _is_convgrad(module: nn.Module) -> bool:
+    return isinstance(module, (_ConvMixin, _ConvTransposeMixin))
+
+
+def _is_pending_lazy(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def _plan(module: nn.Module) -> tuple[str, str]:
+    """(status, reason) of one convolution layer: what patch() will do with it."""
+    lazy = _is_pending_lazy(module)
+    if _is_convgrad(module):
+        return ("lazy" if lazy else "patched"), ""
+    if lazy and (module.cls_to_become is None or _torch_base(module.cls_to_become) is None):
+        return "skipped", "it is a lazy layer that does not become a torch.nn convolution"
+    cls = type(module)
+    reason = _why_not(cls) if cls not in _PATCHED else ""
+    if not reason and not lazy and module.weight.dtype not in _SUPPORTED_DTYPES:
+        reason = f"its weight is {module.weight.dtype}; convgrad computes float16, bfloat16, float32 and float64"
+    if reason:
+        return "skipped", reason
+    return ("lazy" if lazy else "patched"), ""
+
+
+def patch(model: nn.Module, backend: str | None = None, *, strict: bool = False) -> nn.Module:
+    """Make every convolution layer of ``model`` run on convgrad, in place.
+
+    Each ``nn.ConvNd`` / ``nn.ConvTransposeNd`` changes class to convgrad's subclass and keeps
+    its parameters (the same ``Parameter`` objects, so an optimizer built before still works),
+    buffers, hooks and ``state_dict`` keys.  Patching a patched model changes the backend.
+
+    Which layers are patched:
+
+    * the torch.nn classes themselves;
+    * lazy layers (``nn.LazyConv2d``, ...), whose first forward already runs on convgrad and
+      which then become convgrad's class instead of the torch.nn one;
+    * user subclasses whose convolution is still torch.nn's: convgrad replaces
+      ``nn.ConvNd._conv_forward`` (and ``nn.ConvTransposeNd.forward``), so a subclass is
+      patched when it does not override ``_conv_forward`` and its ``forward`` is inherited or
+      calls ``_conv_forward`` / ``super().forward`` (judged from the names its code uses).  It
+      becomes ``class Sub(Sub, convgrad.torch.Conv2d)``: its own methods still run first, and
+      only the convolution inside them moves to convgrad.  Such a patched model pickles only
+      after :func:`unpatch` (its class is made at run time); ``state_dict`` is unaffected.
+
+    Every other convolution layer stays on PyTorch: a subclass that overrides
+    ``_conv_forward`` or computes the convolution in its own ``forward`` (convgrad cannot
+    know what it computes), or weights of a dtype convgrad does not compute (complex).
+
+    A one-line summary goes to the ``convgrad.torch`` logger (level INFO), each layer left on
+    PyTorch gets a :class:`PatchWarning` with the reason, and :func:`patch_report` returns the
+    details.
 
     Parameters
     ----------
     model : torch.nn.Module (itself a convolution, or containing some)
     backend : str, optional
         The convgrad backend for every patched layer; by default the tensors' device decides.
+    strict : bool
+        Raise instead of warning when some convolution layer cannot be patched; nothing is
+        changed then.
 
     Returns
     -------
     The same ``model``.
+
+    Raises
+    ------
+    ValueError
+        With ``strict=True``, when a convolution layer cannot be patched; or an unknown backend.
     """
-    for module in model.modules():
-        cls = type(module)
-        if cls in _PATCHED:
-            module.__class__ = _PATCHED[cls]
-        if type(module) in _ORIGINAL:
+    if backend is not None and backend not in registered_backends():
+        raise ValueError(f"patch: unknown backend {backend!r}; registered backends: {', '.join(registered_backends())}")
+    layers = [(name, module) for name, module in model.named_modules()
+              if _is_convgrad(module) or isinstance(module, tuple(_PATCHED))]
+    plans = [(name, module, *_plan(module)) for name, module in layers]
+    skipped = [(name, module, reason) for name, module, status, reason in plans if status == "skipped"]
+    if strict and skipped:
+        details = "; ".join(f"{_display(name)} ({_qualified(type(m))}): {reason}" for name, m, reason in skipped)
+        raise ValueError(f"patch(strict=True): {len(skipped)} convolution layer(s) cannot run on convgrad: {details}")
+    for name, module, status, reason in plans:
+        if status != "skipped":
+            if not _is_convgrad(module):
+                module.__class__ = _replacement(type(module))
             module.backend = backend
+    _REPORTS[model] = (backend, [(name, _qualified(type(m)), weakref.ref(m), reason) for name, m, _, reason in plans])
+    report = patch_report(model)
+    _log.info("%s", report)
+    for name, module, reason in skipped:
+        warnings.warn(f"convgrad.torch.patch: {_display(name)} ({_qualified(type(module))}) stays on PyTorch: {reason}",
+                      PatchWarning, stacklevel=2)
     return model
 
 
+def patch_report(model: nn.Module) -> PatchReport:
+    """What the last :func:`patch` of ``model`` did, per convolution layer, as it stands now.
+
+    A lazy layer that has materialised since reads ``"patched"``.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` was not patched (or was unpatched since).
+    """
+    if model not in _REPORTS:
+        raise ValueError("patch_report: this model was not patched by convgrad.torch.patch")
+    backend, entries = _REPORTS[model]
+    layers = []
+    for name, layer_type, ref, reason in entries:
+        module = ref()
+        if reason:
+            status = "skipped"
+        elif module is not None and _is_pending_lazy(module):
+            status = "lazy"
+        else:
+            status = "patched"
+        layers.append(PatchedLayer(name, layer_type, status, reason))
+    return PatchReport(backend, tuple(layers))
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: convgrad's convolution modules go back to their ``torch.nn`` classes, in place."""
+    """Undo :func:`patch`: convgrad's convolution modules go back to their original classes, in place."""
     for module in model.modules():
         cls = type(module)
-        if cls in _ORIGINAL:
-            module.__class__ = _ORIGINAL[cls]
+        if cls in _ORIGINAL or "_convgrad_replaces" in cls.__dict__:
+            module.__class__ = _ORIGINAL.get(cls) or cls.__dict__["_convgrad_replaces"]
             module.__dict__.pop("backend", None)
+    _REPORTS.pop(model, None)
     return model

@@ -1,5 +1,6 @@
 """Train a small CNN on scikit-learn's bundled digits with convgrad's hand-written layers.
 
+    pip install "convgrad[examples]"      # scikit-learn, which holds the data
     python -m convgrad.examples.digits [--backend numpy] [--epochs N] [--seed S] [--device cpu|cuda]
 
 The 1,797 8x8 images ship with scikit-learn, so nothing is downloaded.  The network is two
@@ -12,12 +13,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from convgrad import nn
+
+
+MISSING_SCIKIT_LEARN = (
+    "the digits example loads its data with scikit-learn, which is not installed; "
+    'install it with: pip install "convgrad[examples]"'
+)
+
+
+def require_scikit_learn() -> None:
+    """A ModuleNotFoundError naming the extra to install, raised before any work when scikit-learn is missing."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError(MISSING_SCIKIT_LEARN, name="sklearn") from None
 
 
 def build_model(rng: np.random.Generator, backend: str | None = None) -> nn.Sequential:
@@ -34,6 +50,7 @@ def build_model(rng: np.random.Generator, backend: str | None = None) -> nn.Sequ
 
 def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train and test splits (stratified, 25% test): images (n, 1, 8, 8) float32, standardised."""
+    require_scikit_learn()
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -105,6 +122,7 @@ def _blas_threads(device: str) -> contextlib.AbstractContextManager[Any]:
 def train(epochs: int = 8, seed: int = 0, backend: str | None = "numpy", device: str = "cpu", batch_size: int = 32,
           lr: float = 0.05, momentum: float = 0.9, progress: bool = True) -> dict[str, float]:
     """Train the CNN and return ``{"accuracy", "seconds", "loss"}`` (test accuracy, wall time, last epoch's loss)."""
+    require_scikit_learn()
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     x_train, x_test, y_train, y_test = load_data(seed)
@@ -150,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    try:
+        require_scikit_learn()
+    except ModuleNotFoundError as error:
+        sys.exit(f"error: {error}")
     backend = args.backend if args.backend is not None else ("numpy" if args.device == "cpu" else None)
     result = train(epochs=args.epochs, seed=args.seed, backend=backend, device=args.device,
                    batch_size=args.batch_size, lr=args.lr, progress=not args.no_progress)

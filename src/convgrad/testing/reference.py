@@ -4,6 +4,10 @@ Written for obviousness, not speed, and independent of every backend: each pass 
 over the kernel taps (t, r, s) and applies the definition of DESIGN §1 to a whole strided
 slice at a time.  All arrays are logical 5-D: x (N, C, D, H, W), w (K, C/G, T, R, S),
 y (N, K, Z, P, Q); results are float64.
+
+The references are exact about non-finite values (DESIGN §7): a position outside the input
+contributes no term at all, rather than a product ``0 · w`` that a NaN or infinite weight
+(or, in wgrad, output gradient) would turn into NaN.  For finite inputs this changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ def _tap_slices(problem: ConvProblem, tap: tuple[int, int, int]) -> tuple[slice,
     )
 
 
+def _tap_in_range(problem: ConvProblem, tap: tuple[int, int, int]) -> np.ndarray:
+    """(Z, P, Q) mask: whether kernel tap ``tap`` reads a position inside the (unpadded) input."""
+    masks = [
+        (0 <= (pos := np.arange(n) * s + k * d - b)) & (pos < size)
+        for k, d, s, n, b, size in zip(tap, problem.dilation, problem.stride, problem.output_size,
+                                       problem.pad_before, problem.input_size)
+    ]
+    return masks[0][:, None, None] & masks[1][None, :, None] & masks[2][None, None, :]
+
+
 def _interior(problem: ConvProblem) -> tuple[slice, ...]:
     return tuple(slice(b, b + n) for b, n in zip(problem.pad_before, problem.input_size))
 
@@ -45,9 +59,11 @@ def reference_forward(x: np.ndarray, w: np.ndarray, problem: ConvProblem, bias: 
     y = np.zeros((problem.N, problem.K, *problem.output_size))
     for g in range(G):
         cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
+        y_group = y[:, ks]  # a view: writes reach y
         for tap in _taps(problem):
-            window = xpad[(slice(None), cs, *_tap_slices(problem, tap))]
-            y[:, ks] += np.einsum("nczpq,kc->nkzpq", window, w[(ks, slice(None), *tap)])
+            inside = _tap_in_range(problem, tap)
+            window = xpad[(slice(None), cs, *_tap_slices(problem, tap))][:, :, inside]
+            y_group[:, :, inside] += np.einsum("ncv,kc->nkv", window, w[(ks, slice(None), *tap)])
     if bias is not None:
         y += np.asarray(bias, dtype=np.float64).reshape(1, -1, 1, 1, 1)
     return y
@@ -78,6 +94,7 @@ def reference_grad_weight(x: np.ndarray, dy: np.ndarray, problem: ConvProblem) -
     for g in range(G):
         cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
         for tap in _taps(problem):
-            window = xpad[(slice(None), cs, *_tap_slices(problem, tap))]
-            dw[(ks, slice(None), *tap)] = np.einsum("nczpq,nkzpq->kc", window, dy[:, ks])
+            inside = _tap_in_range(problem, tap)
+            window = xpad[(slice(None), cs, *_tap_slices(problem, tap))][:, :, inside]
+            dw[(ks, slice(None), *tap)] = np.einsum("ncv,nkv->kc", window, dy[:, ks][:, :, inside])
     return dw
