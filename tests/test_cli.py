@@ -39,6 +39,7 @@ def cache_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
     files = {
         "cupy-host": tmp_path / "convgrad" / "cuda_host" / "ab" / "libkernels.so",
+        "autotune": tmp_path / "convgrad" / "autotune" / "v1" / "device.json",
         "cupy": tmp_path / "cupy" / "deadbeef.cubin",
         "numba": tmp_path / "numba" / "site-packages_convgrad_backends" / "numpy_backend.f-10.py311.nbc",
     }
@@ -54,6 +55,7 @@ def test_cache_lists_paths_and_sizes(cache_dirs, capsys) -> None:
     assert main(["cache"]) == 0
     out = capsys.readouterr().out
     assert f"cupy-host  {files['cupy-host'].parents[1]}  3.0 MB in 1 files" in out
+    assert f"autotune   {files['autotune'].parents[1]}  3.0 MB in 1 files" in out
     assert f"cupy       {files['cupy'].parent}  3.0 MB in 1 files (shared with every CuPy program)" in out
     # Only convgrad's files count in Numba's shared directory.
     assert f"numba      {files['numba'].parents[1]}  3.0 MB in 1 files" in out
@@ -63,7 +65,7 @@ def test_cache_clear_deletes_convgrad_caches_but_not_cupys_unless_asked(cache_di
     files, other_numba = cache_dirs
     assert main(["cache", "--clear"]) == 0
     assert "cupy-host" in capsys.readouterr().out
-    assert not files["cupy-host"].exists() and not files["numba"].exists()
+    assert not files["cupy-host"].exists() and not files["numba"].exists() and not files["autotune"].exists()
     assert files["cupy"].exists() and other_numba.exists()
     assert main(["cache", "--clear", "--include-cupy"]) == 0
     assert not files["cupy"].exists() and other_numba.exists()

@@ -69,12 +69,14 @@ def _from_convgrad(relative: Path) -> bool:
 
 def caches() -> list[Cache]:
     """Every cache that can hold convgrad's compiled code, resolved from the current environment."""
-    from .testing.cuda_host.build import cache_root
+    from .backends.tensor_core_autotune import cache_root as autotune_root
+    from .cuda_host.build import cache_root
 
     cupy = os.environ.get("CUPY_CACHE_DIR") or str(Path.home() / ".cupy" / "kernel_cache")
     numba = os.environ.get("NUMBA_CACHE_DIR")
     return [
         Cache("cupy-host", cache_root(), "the cupy-host emulator (g++): convgrad check, the tests"),
+        Cache("autotune", autotune_root(), "the cupy backend's tuned tensor-core tile choices (autotune=True)"),
         Cache("cupy", Path(cupy), "CuPy (NVRTC builds of kernels/*.cu for the cupy backend)", shared=True),
         # Numba's files sit in __pycache__ beside convgrad's modules, or in $NUMBA_CACHE_DIR beside
         # other programs' (only convgrad's are counted and cleared there).
@@ -89,7 +91,7 @@ def _megabytes(size: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clear", action="store_true",
-                        help="delete convgrad's compiled kernels (cupy-host, Numba); rebuilt on first use")
+                        help="delete convgrad's compiled kernels (cupy-host, Numba) and tuning results; rebuilt on first use")
     parser.add_argument("--include-cupy", action="store_true",
                         help="with --clear, also CuPy's kernel cache (shared with every CuPy program)")
 

@@ -6,10 +6,10 @@ option              environment variable        default  effect
 ``deterministic``   ``CONVGRAD_DETERMINISTIC``  True     dgrad/wgrad without floating-point atomics, results
                                                          bit-identical run to run; False lets ``cupy`` add
                                                          split-K slices with atomics
-``allow_tf32``      ``CONVGRAD_ALLOW_TF32``     False    TF32 for float32 on tensor cores; no kernel uses
-                                                         TF32 yet, so it changes nothing today
-``autotune``        ``CONVGRAD_AUTOTUNE``       False    reserved for choosing tiles by timing them, which
-                                                         arrives with the tensor-core kernels; no effect today
+``allow_tf32``      ``CONVGRAD_ALLOW_TF32``     False    float32 on the ``cupy`` tensor cores in TF32; other
+                                                         backends compute float32 exactly either way
+``autotune``        ``CONVGRAD_AUTOTUNE``       False    ``cupy`` times the tensor-core tile configurations on
+                                                         a problem's first use and caches the fastest
 ``workspace_mb``    ``CONVGRAD_WORKSPACE_MB``   256      the ``numpy`` backend's cap on temporary memory, MiB
 ==================  ==========================  =======  ==================================================
 

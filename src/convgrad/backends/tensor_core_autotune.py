@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..problem import ConvProblem
+from ..user_cache import user_cache_dir
 from ..tensor_core_catalog import TcConfig
 from .tensor_core_planner import DeviceModel, channels_fastest
 
@@ -32,16 +33,8 @@ CACHE_VERSION = 1
 
 
 def cache_root() -> Path:
-    """``$CONVGRAD_CACHE_DIR/autotune`` if set, else the platform's user cache directory for
-    convgrad (platformdirs) plus ``autotune``, else ``~/.cache/convgrad/autotune``."""
-    env = os.environ.get("CONVGRAD_CACHE_DIR")
-    if env:
-        return Path(env) / "autotune"
-    try:
-        import platformdirs
-    except ImportError:
-        return Path.home() / ".cache" / "convgrad" / "autotune"
-    return Path(platformdirs.user_cache_dir("convgrad")) / "autotune"
+    """Directory of the tuning results: ``autotune`` in convgrad's user cache directory."""
+    return user_cache_dir("autotune")
 
 
 def device_key(device: DeviceModel) -> str:

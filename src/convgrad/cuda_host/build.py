@@ -69,22 +69,10 @@ def compile_flags(sanitize: bool) -> tuple[str, ...]:
 
 
 def cache_root() -> Path:
-    """Directory of cached kernel libraries.
+    """Directory of cached kernel libraries: ``cuda_host`` in convgrad's user cache directory."""
+    from convgrad.user_cache import user_cache_dir
 
-    ``$CONVGRAD_CACHE_DIR/cuda_host`` if set, else the platform's user cache directory for
-    convgrad (platformdirs), else ``~/.cache/convgrad/cuda_host``.
-    """
-    env = os.environ.get("CONVGRAD_CACHE_DIR")
-    if env:
-        base = Path(env)
-    else:
-        try:
-            import platformdirs
-        except ImportError:
-            base = Path.home() / ".cache" / "convgrad"
-        else:
-            base = Path(platformdirs.user_cache_dir("convgrad"))
-    return base / "cuda_host"
+    return user_cache_dir("cuda_host")
 
 
 def check_name_expression(name: str) -> str:
