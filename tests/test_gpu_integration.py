@@ -1,0 +1,153 @@
+"""How the GPU paths use CuPy, Numba and PyTorch, checked on a machine without a GPU.
+
+A stand-in CuPy (``cupy_stand_in.py``) logs every allocation, kernel, copy, synchronisation
+and launch with its stream; stand-in Numba arrays expose only what a device array exposes.
+The tests assert what the GPU would have been asked to do:
+
+* argument checking does no device work (no ``cupy.shares_memory``, allocation or sync);
+* every launch, copy and allocation goes to the caller's stream;
+* bfloat16 reaches the kernels as its bits, with the dtype carried beside it, without a copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convgrad
+from convgrad import arrays
+from convgrad.backends.base import Backend
+
+import cupy_stand_in
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    return cupy_stand_in.install(monkeypatch)
+
+
+class RecordingBackend(Backend):
+    """A backend that computes nothing and remembers what had happened on the device when it was called."""
+
+    name = "recording"
+
+    def __init__(self, kinds: tuple[str, ...], state: cupy_stand_in.StandIn | None = None) -> None:
+        self.array_kinds = kinds
+        self.state = state
+        self.events_before_call: list | None = None
+
+    def available(self) -> bool:
+        return True
+
+    def _called(self) -> None:
+        self.events_before_call = list(self.state.events) if self.state is not None else []
+
+    def forward(self, x, w, bias, problem, out):
+        self._called()
+
+    def grad_input(self, dy, w, problem, out):
+        self._called()
+
+    def grad_weight(self, x, dy, problem, out):
+        self._called()
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checking: metadata only
+
+
+def test_checking_cupy_arguments_does_no_device_work(stand_in):
+    """``out=`` is checked for overlap on every call (convgrad.torch always passes it): no device work."""
+    rng = np.random.default_rng(0)
+    x = cupy_stand_in.device_array(stand_in, rng.standard_normal((2, 8, 9, 9), np.float32))
+    w = cupy_stand_in.device_array(stand_in, rng.standard_normal((4, 8, 3, 3), np.float32))
+    bias = cupy_stand_in.device_array(stand_in, rng.standard_normal(4, np.float32))
+    out = cupy_stand_in.device_array(stand_in, np.empty((2, 4, 9, 9), np.float32))
+    dy = cupy_stand_in.device_array(stand_in, rng.standard_normal((2, 4, 9, 9), np.float32))
+    dw = cupy_stand_in.device_array(stand_in, np.empty((4, 8, 3, 3), np.float32))
+    backend = RecordingBackend(("cupy",), stand_in)
+    convgrad.conv2d(x, w, bias, padding=1, out=out, backend=backend)
+    assert backend.events_before_call == []
+    convgrad.conv2d_input(x.shape, w, dy, padding=1, out=cupy_stand_in.device_array(stand_in, np.empty(x.shape, np.float32)),
+                          backend=backend)
+    assert backend.events_before_call == []
+    convgrad.conv2d_weight(x, w.shape, dy, padding=1, out=dw, backend=backend)
+    assert backend.events_before_call == []
+
+
+def test_an_overlapping_cupy_out_is_still_rejected_without_device_work(stand_in):
+    x = cupy_stand_in.device_array(stand_in, np.zeros((2, 8, 9, 9), np.float32))
+    w = cupy_stand_in.device_array(stand_in, np.zeros((8, 8, 1, 1), np.float32))
+    with pytest.raises(ValueError, match="out overlaps input"):
+        convgrad.conv2d(x, w, out=x, backend=RecordingBackend(("cupy",), stand_in))
+    assert stand_in.events == []
+
+
+class StandInNumbaArray:
+    """What the numba path reads of a Numba device array: metadata, and a copy_to_host it must not call."""
+
+    __module__ = "numba.cuda.cudadrv.devicearray"
+
+    def __init__(self, host: np.ndarray) -> None:
+        self._host = host
+        self.shape, self.strides, self.dtype, self.size = host.shape, host.strides, host.dtype, host.size
+        self.stream = 0
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "strides": self.strides, "typestr": self.dtype.str,
+                "data": (self._host.__array_interface__["data"][0], False), "version": 3}
+
+    def copy_to_host(self, *args, **kwargs):
+        raise AssertionError("argument checking copied a device array to the host")
+
+    def copy_to_device(self, *args, **kwargs):
+        raise AssertionError("argument checking copied to a device array")
+
+
+def test_checking_numba_arguments_does_no_device_work(monkeypatch):
+    # The 5-D views handed to the backend are metadata too; build them over the stand-in's host memory.
+    monkeypatch.setattr(arrays, "_permuted", lambda array, kind, shape, strides: StandInNumbaArray(
+        np.lib.stride_tricks.as_strided(array._host, shape=shape, strides=strides)))
+    base = np.zeros((2, 16, 9, 9), np.float32)
+    x = StandInNumbaArray(base[:, ::2])
+    out = StandInNumbaArray(np.empty((2, 4, 9, 9), np.float32))
+    w = StandInNumbaArray(np.zeros((4, 8, 3, 3), np.float32))
+    backend = RecordingBackend(("numba",))
+    convgrad.conv2d(x, w, padding=1, out=out, backend=backend)
+    assert backend.events_before_call == []
+    # Interleaved channel halves of one buffer: their address ranges overlap, their elements do not.
+    assert not arrays.may_overlap("numba", StandInNumbaArray(base[:, 1::2]), x)
+    assert arrays.may_overlap("numba", StandInNumbaArray(base[:, 3:5]), x)
+
+
+VIEWS = {
+    "even_odd_channels": (lambda a: a[:, ::2], lambda a: a[:, 1::2]),
+    "channel_halves": (lambda a: a[:, :4], lambda a: a[:, 4:]),
+    "halves_sharing_one_channel": (lambda a: a[:, :5], lambda a: a[:, 4:]),
+    "same_array_other_layout": (lambda a: a, lambda a: a.transpose(0, 2, 3, 1)),
+    "interleaved_columns": (lambda a: a[..., ::2], lambda a: a[..., 1::2]),
+    "reversed_rows_touching": (lambda a: a[:, :, ::-1], lambda a: a[1:, :, :1]),
+    "strided_grids": (lambda a: a[:, :, ::3, 1::5], lambda a: a[:, :, 1::3, ::5]),
+    "same_element_from_two_views": (lambda a: a[:, :, ::3, ::2], lambda a: a[:, :, ::2, ::3]),
+}
+
+
+@pytest.mark.parametrize("views", VIEWS.values(), ids=VIEWS)
+def test_device_overlap_answers_match_numpy_exactly(stand_in, views):
+    """From metadata alone, the same answer NumPy's exact solver gives on the host arrays."""
+    first, second = views
+    host = np.zeros((2, 8, 7, 11), np.float32)
+    device = cupy_stand_in.device_array(stand_in, host)
+    expected = bool(np.shares_memory(first(host), second(host)))
+    assert arrays.may_overlap("cupy", first(device), second(device)) == expected
+    assert arrays.may_overlap("numpy", first(host), second(host)) == expected
+    assert stand_in.events == []
+
+
+def test_a_problem_too_hard_to_solve_counts_as_overlap(monkeypatch):
+    host = np.zeros(10_000, np.float32)
+    a, b = host[::7], host[3::11]  # they do share elements; the bound stops the solver first
+    monkeypatch.setattr(arrays, "OVERLAP_MAX_WORK", 1)
+    assert arrays.may_overlap("numpy", a, b)
+    assert not arrays.may_overlap("numpy", host[:10], host[10:20])  # disjoint ranges need no solver
