@@ -151,3 +151,124 @@ def test_a_problem_too_hard_to_solve_counts_as_overlap(monkeypatch):
     monkeypatch.setattr(arrays, "OVERLAP_MAX_WORK", 1)
     assert arrays.may_overlap("numpy", a, b)
     assert not arrays.may_overlap("numpy", host[:10], host[10:20])  # disjoint ranges need no solver
+
+
+# ----------------------------------------------------------------------------------------
+# Streams: every launch, copy and allocation on the caller's stream
+
+CALLER_STREAM = 0xBEEF
+
+
+def _device_work(state: cupy_stand_in.StandIn) -> list:
+    return [e for e in state.events if e.kind != "compile"]
+
+
+def test_cupy_backend_runs_everything_on_cupys_current_stream(stand_in):
+    rng = np.random.default_rng(1)
+
+    def device(shape):
+        return cupy_stand_in.device_array(stand_in, rng.standard_normal(shape).astype(np.float32))
+
+    x, w, b, dy = device((2, 4, 32, 32)), device((6, 4, 3, 3)), device((6,)), device((2, 6, 32, 32))
+    x_last, w_last = device((2, 8, 8, 4)), device((6, 1, 1, 4))
+    with stand_in.module.cuda.ExternalStream(CALLER_STREAM):
+        convgrad.conv2d(x, w, b, padding=1, backend="cupy")
+        convgrad.conv2d(x_last, w_last, b, channels_last=True, backend="cupy")  # 1x1: one matmul
+        convgrad.conv2d_input(x.shape, w, dy, padding=1, backend="cupy")
+        convgrad.conv2d_weight(x, w.shape, dy, padding=1, backend="cupy")  # split-K: workspace and reduction
+        convgrad.conv_transpose2d(dy, w, device((4,)), padding=1, backend="cupy")  # dgrad, then the bias kernel
+        convgrad.conv_bias_grad(dy, backend="cupy")
+        convgrad.conv2d(device((2, 0, 5, 5)), device((6, 0, 3, 3)), b, backend="cupy")  # empty: zeros plus bias
+        convgrad.conv2d(rng.standard_normal((1, 4, 5, 5)).astype(np.float32),  # staged NumPy arrays
+                        rng.standard_normal((6, 4, 3, 3)).astype(np.float32), backend="cupy")
+    work = _device_work(stand_in)
+    assert {e.kind for e in work} >= {"alloc", "kernel", "launch", "copy"}
+    launched = {e.name.split("<")[0] for e in work if e.kind == "launch"}
+    assert {"convgrad::fprop_gemm", "convgrad::dgrad_gemm", "convgrad::wgrad_gemm", "convgrad::splitk_reduce",
+            "convgrad::add_bias"} <= launched
+    assert any(e.name == "matmul" for e in work)
+    wrong = [(e.kind, e.name, hex(e.stream)) for e in work if e.stream != CALLER_STREAM]
+    assert not wrong, f"device work outside the caller's stream: {wrong}"
+
+
+@pytest.fixture
+def torch_on_the_stand_in(stand_in, monkeypatch):
+    """convgrad.torch with its CUDA path taken for CPU tensors: CuPy is the stand-in, PyTorch's stream is CALLER_STREAM."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    import convgrad.torch as ct
+
+    real = ct._arrays_for
+    monkeypatch.setattr(ct, "_arrays_for", lambda device: real(torch.device("cuda", 0)))
+    monkeypatch.setattr(ct, "_cupy_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=CALLER_STREAM))
+    return ct
+
+
+def test_torch_path_runs_everything_on_pytorchs_stream_with_its_allocator(stand_in, torch_on_the_stand_in):
+    import torch
+
+    ct = torch_on_the_stand_in
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=gen, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(6, generator=gen, requires_grad=True)
+    y = ct.conv2d(x, w, b, padding=1)
+    y.backward(torch.ones_like(y))  # dgrad, wgrad (split-K) and the bias gradient
+    work = _device_work(stand_in)
+    launches = [e for e in work if e.kind == "launch"]
+    assert {e.name.split("<")[0] for e in launches} >= {"convgrad::fprop_gemm", "convgrad::dgrad_gemm",
+                                                        "convgrad::wgrad_gemm"}
+    wrong = [(e.kind, e.name, hex(e.stream)) for e in work if e.stream != CALLER_STREAM]
+    assert not wrong, f"device work outside PyTorch's current stream: {wrong}"
+    allocations = [e for e in work if e.kind == "alloc"]
+    assert allocations and all(e.allocator is ct._cupy_allocate for e in allocations)
+    # Zero copies: the forward kernel read PyTorch's own memory.
+    fprop = next(e for e in launches if e.name.startswith("convgrad::fprop_gemm"))
+    assert x.data_ptr() in fprop.detail["pointers"] and w.data_ptr() in fprop.detail["pointers"]
+
+
+class _Bindable:
+    """What convgrad.torch's numba path makes of a tensor or a buffer: an array that can be bound to a stream."""
+
+    def __init__(self, owner, interface=None, stream=0):
+        self.owner, self.interface, self.stream = owner, interface, stream
+
+    def bind(self, stream):
+        return _Bindable(self.owner, self.interface, stream)
+
+
+def test_torch_numba_path_binds_arrays_to_pytorchs_stream_and_allocates_from_pytorch(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("numba")
+    import contextlib
+
+    from numba import cuda
+
+    import convgrad.torch as ct
+    from convgrad.backends import numba_backend
+
+    external = object()
+    monkeypatch.setattr(ct, "_cupy_importable", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": CALLER_STREAM})())
+    monkeypatch.setattr(cuda, "external_stream", lambda ptr: external if ptr == CALLER_STREAM else None)
+    monkeypatch.setattr(cuda, "gpus", {0: contextlib.nullcontext()})
+    monkeypatch.setattr(cuda, "as_cuda_array", lambda t, sync=True: _Bindable(t))
+    monkeypatch.setattr(cuda, "from_cuda_array_interface", lambda desc, owner=None, sync=True: _Bindable(owner, desc))
+    allocated = []
+    real_empty = torch.empty
+
+    def empty(*shape, device=None, **kwargs):
+        allocated.append((shape, str(device)))
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with ct._arrays_for(torch.device("cuda", 0)) as array:
+        assert array.stream is external
+        assert array(torch.zeros(3)).stream is external
+        scratch = numba_backend.device_array((4, 5), np.float32, array.stream)
+        assert scratch.stream is external
+        assert allocated == [((80,), "cuda:0")] and scratch.interface["shape"] == (4, 5)
+        assert scratch.interface["data"][0] == scratch.owner.data_ptr()
+    assert numba_backend._ALLOCATOR.get() is None

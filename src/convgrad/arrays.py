@@ -67,7 +67,7 @@ def _xp(kind: str) -> Any:
 
 
 def empty(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> Any:
-    """An uninitialised C-contiguous array of ``kind`` (on ``like``'s device)."""
+    """An uninitialised C-contiguous array of ``kind`` (on ``like``'s device; a Numba array bound to ``like``'s stream)."""
     if kind == "numpy":
         return np.empty(shape, dtype)
     if kind == "cupy":
@@ -78,7 +78,7 @@ def empty(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> An
     if kind == "numba":
         from numba import cuda
 
-        return cuda.device_array(shape, dtype)
+        return cuda.device_array(shape, dtype, stream=getattr(like, "stream", 0))
     raise TypeError(f"cannot allocate a {kind} array")
 
 
@@ -90,8 +90,9 @@ def zeros(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> An
 
 def fill(kind: str, array: Any, value: float) -> None:
     if kind == "numba":
-        # Numba device arrays have no fill; outputs allocated here are contiguous.
-        array.copy_to_device(np.full(array.shape, value, array.dtype))
+        # Numba device arrays have no fill; outputs allocated here are contiguous.  The copy goes
+        # to the stream the array is bound to, as the kernels do.
+        array.copy_to_device(np.full(array.shape, value, array.dtype), stream=getattr(array, "stream", 0))
     else:
         array[...] = value
 

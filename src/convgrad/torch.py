@@ -194,8 +194,26 @@ def _arrays_for(device: torch.device) -> Iterator[_Arrays]:
         return
     from numba import cuda
 
-    with cuda.gpus[index]:
-        yield _Arrays("numba", cuda.external_stream(stream.cuda_stream))
+    from convgrad.backends import numba_backend
+
+    numba_stream = cuda.external_stream(stream.cuda_stream)
+    with cuda.gpus[index], numba_backend.using_allocator(functools.partial(_numba_allocate, index)):
+        yield _Arrays("numba", numba_stream)
+
+
+def _numba_allocate(device_index: int, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
+    """Scratch memory for the numba backend from PyTorch's caching allocator, bound to ``stream``.
+
+    The allocator orders the memory on PyTorch's current stream (the call's) and is legal under
+    CUDA-graph capture, where Numba's own cuMemAlloc is not.  The tensor owns the memory.
+    """
+    from numba import cuda
+
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=torch.device("cuda", device_index))
+    interface = {"shape": tuple(shape), "strides": None, "typestr": dtype.str, "data": (buffer.data_ptr(), False),
+                 "version": 3}
+    return cuda.from_cuda_array_interface(interface, owner=buffer, sync=False).bind(stream)
 
 
 def _numerics(t: Tensor) -> dict[str, Any]:
