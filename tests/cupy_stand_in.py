@@ -104,6 +104,14 @@ class Stream:
         return hash(self.ptr)
 
 
+def _numeric(dtype: Any) -> np.dtype:
+    """The dtype, if this CuPy has it: booleans, integers, floats and complex only (no bfloat16)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biufc":
+        raise TypeError(f"Unsupported dtype {dtype}")
+    return dtype
+
+
 def _build_module(state: StandIn) -> types.ModuleType:
     cupy = types.ModuleType("cupy")
     cuda = types.ModuleType("cupy.cuda")
@@ -142,7 +150,7 @@ def _build_module(state: StandIn) -> types.ModuleType:
         __module__ = "cupy._core.core"
 
         def __init__(self, shape: Any, dtype: Any = float, memptr: Any = None, strides: Any = None) -> None:
-            dtype = np.dtype(dtype)
+            dtype = _numeric(dtype)
             if memptr is None:
                 raise TypeError("the stand-in's ndarray needs memptr (allocate with cupy.empty)")
             self._host = np.asarray(_Interface(memptr.ptr, tuple(shape), strides, dtype)).view(dtype)
@@ -178,7 +186,7 @@ def _build_module(state: StandIn) -> types.ModuleType:
             return ndarray._wrap(self._host[index], self._owner)
 
         def view(self, dtype: Any) -> "ndarray":
-            return ndarray._wrap(self._host.view(dtype), self._owner)
+            return ndarray._wrap(self._host.view(_numeric(dtype)), self._owner)
 
         def reshape(self, *shape: Any) -> "ndarray":
             return ndarray._wrap(self._host.reshape(*shape), self._owner)
@@ -217,6 +225,11 @@ def _build_module(state: StandIn) -> types.ModuleType:
         __lshift__ = lambda self, o: self._binary(o, np.left_shift, "left_shift")  # noqa: E731
         __rshift__ = lambda self, o: self._binary(o, np.right_shift, "right_shift")  # noqa: E731
         __and__ = lambda self, o: self._binary(o, np.bitwise_and, "bitwise_and")  # noqa: E731
+        __or__ = lambda self, o: self._binary(o, np.bitwise_or, "bitwise_or")  # noqa: E731
+        __sub__ = lambda self, o: self._binary(o, np.subtract, "subtract")  # noqa: E731
+        __rsub__ = lambda self, o: self._binary(o, lambda a, b: np.subtract(b, a), "subtract")  # noqa: E731
+        __ne__ = lambda self, o: self._binary(o, np.not_equal, "not_equal")  # noqa: E731
+        __hash__ = None
 
         def __iadd__(self, other: Any) -> "ndarray":
             state.record("kernel", "iadd")
@@ -252,8 +265,7 @@ def _build_module(state: StandIn) -> types.ModuleType:
         if isinstance(value, ndarray):
             return value if dtype is None else value.astype(dtype)
         host = np.asarray(value, dtype)
-        if host.dtype.kind not in "biufc":
-            raise TypeError(f"Unsupported type {host.dtype}")  # as CuPy: no bfloat16 arrays
+        _numeric(host.dtype)
         array = _allocate(host.nbytes, host.dtype, host.shape, "asarray")
         state.record("copy", "host_to_device")
         array._host[...] = host

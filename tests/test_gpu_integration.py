@@ -272,3 +272,123 @@ def test_torch_numba_path_binds_arrays_to_pytorchs_stream_and_allocates_from_pyt
         assert allocated == [((80,), "cuda:0")] and scratch.interface["shape"] == (4, 5)
         assert scratch.interface["data"][0] == scratch.owner.data_ptr()
     assert numba_backend._ALLOCATOR.get() is None
+
+
+# ----------------------------------------------------------------------------------------
+# bfloat16 without a CuPy bfloat16 dtype: the bits, with the dtype beside them
+
+
+def _bf16_bits(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    import ml_dtypes
+
+    return rng.integers(-3, 4, shape).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def test_the_stand_in_has_no_bfloat16(stand_in):
+    import ml_dtypes
+
+    assert not hasattr(stand_in.module, "bfloat16")
+    with pytest.raises(TypeError):
+        stand_in.module.asarray(np.zeros(3, ml_dtypes.bfloat16))
+
+
+def test_torch_bfloat16_reaches_the_kernels_as_bits_without_a_copy(stand_in, torch_on_the_stand_in):
+    import torch
+
+    ct = torch_on_the_stand_in
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 8, 9, 9, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(8, 8, 3, 3, generator=gen).bfloat16().requires_grad_()
+    b = torch.randn(8, generator=gen).bfloat16().requires_grad_()
+    y = ct.conv2d(x, w, b, padding=1)
+    forward = [e for e in stand_in.events if e.kind != "compile"]
+    assert [e.kind for e in forward] == ["alloc", "launch"]  # the unused workspace pointer, then the kernel
+    launch = forward[-1]
+    assert launch.name.startswith("convgrad::fprop_gemm<__nv_bfloat16")
+    assert {x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr()} <= set(launch.detail["pointers"])
+    assert set(launch.detail["dtypes"]) == {"int16"}  # every tensor as its bits
+    g = torch.randn(y.shape, generator=gen).bfloat16()
+    y.backward(g)
+    kernels = {e.name.split(",")[0] for e in stand_in.events if e.kind == "launch"}
+    assert {"convgrad::dgrad_gemm<__nv_bfloat16", "convgrad::wgrad_gemm<__nv_bfloat16"} <= kernels
+    # The bias gradient runs on the host here (the stand-in computes): float32 sums, rounded once.
+    import ml_dtypes
+
+    summed = g.float().numpy().sum(axis=(0, 2, 3), dtype=np.float32)
+    np.testing.assert_array_equal(b.grad.view(torch.int16).numpy().view(np.uint16),
+                                  summed.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_cupy_users_pass_bfloat16_as_uint16_bits_with_dtype(stand_in):
+    rng = np.random.default_rng(4)
+    x = cupy_stand_in.device_array(stand_in, _bf16_bits(rng, (2, 8, 9, 9)))
+    w = cupy_stand_in.device_array(stand_in, _bf16_bits(rng, (8, 8, 3, 3)))
+    with pytest.raises(TypeError, match="input has dtype uint16; for bfloat16 given as its bits, pass dtype='bfloat16'"):
+        convgrad.conv2d(x, w, padding=1, backend="cupy")  # integers are not data without dtype=
+    y = convgrad.conv2d(x, w, padding=1, backend="cupy", dtype="bfloat16")
+    assert y.dtype == np.uint16 and y.shape == (2, 8, 9, 9)
+    launch = next(e for e in stand_in.events if e.kind == "launch")
+    assert launch.name.startswith("convgrad::fprop_gemm<__nv_bfloat16")
+    assert {x.data.ptr, w.data.ptr, y.data.ptr} <= set(launch.detail["pointers"])
+    dw = convgrad.conv2d_weight(x, w.shape, y, padding=1, backend="cupy", dtype="bfloat16")
+    assert dw.dtype == np.uint16
+    with pytest.raises(TypeError, match="weight has dtype float32"):
+        convgrad.conv2d(x, cupy_stand_in.device_array(stand_in, np.zeros((8, 8, 3, 3), np.float32)),
+                        backend="cupy", dtype="bfloat16")
+    with pytest.raises(TypeError, match="input has dtype uint16; supported dtypes are"):
+        convgrad.conv2d(x, w, backend="cupy", dtype="float16")
+    with pytest.raises(TypeError, match="dtype='float16' but the arrays hold float32"):
+        convgrad.conv2d(np.zeros((1, 2, 3, 3), np.float32), np.zeros((1, 2, 1, 1), np.float32), dtype="float16")
+
+
+def test_bias_gradient_of_bfloat16_bits_on_cupy_rounds_a_float32_sum(stand_in):
+    import ml_dtypes
+
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((3, 6, 5, 7)).astype(ml_dtypes.bfloat16)
+    dy = cupy_stand_in.device_array(stand_in, values.view(np.uint16))
+    db = convgrad.conv_bias_grad(dy, backend="cupy", dtype="bfloat16")
+    expected = values.astype(np.float32).sum(axis=(0, 2, 3), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    assert db.dtype == np.uint16
+    np.testing.assert_array_equal(db._host, expected.view(np.uint16))
+    work = _device_work(stand_in)
+    assert work and all(e.kind in ("alloc", "kernel") for e in work)  # no copy to the host, no sync
+
+
+@pytest.mark.parametrize("carrier", [np.uint16, np.int16])
+def test_numpy_bits_with_dtype_give_the_bits_of_the_bfloat16_result(carrier):
+    import ml_dtypes
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 4, 7, 6)).astype(ml_dtypes.bfloat16)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(ml_dtypes.bfloat16)
+    b = rng.standard_normal(6).astype(ml_dtypes.bfloat16)
+    bits = [a.view(carrier) for a in (x, w, b)]
+    y = convgrad.conv2d(x, w, b, padding=1)
+    y_bits = convgrad.conv2d(*bits, padding=1, dtype="bfloat16")
+    assert y_bits.dtype == carrier
+    np.testing.assert_array_equal(y_bits.view(ml_dtypes.bfloat16).view(np.uint16), y.view(np.uint16))
+    out = np.empty(y.shape, carrier)
+    assert convgrad.conv2d(*bits, padding=1, dtype="bfloat16", out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint16), y.view(np.uint16))
+    dx = convgrad.conv2d_input(x.shape, bits[1], y_bits, padding=1, dtype="bfloat16")
+    np.testing.assert_array_equal(dx.view(np.uint16), convgrad.conv2d_input(x.shape, w, y, padding=1).view(np.uint16))
+    db = convgrad.conv_bias_grad(y_bits, dtype="bfloat16")
+    np.testing.assert_array_equal(db.view(np.uint16), convgrad.conv_bias_grad(y).view(np.uint16))
+
+
+def test_bfloat16_rounding_of_the_bit_helpers_matches_ml_dtypes():
+    import ml_dtypes
+
+    rng = np.random.default_rng(7)
+    every_pattern = np.frombuffer(rng.integers(0, 2**32, 200_000, dtype=np.uint32).tobytes(), np.float32)
+    special = np.array([np.inf, -np.inf, 3.3895314e38, 3.4e38, 1e-40, -0.0, 1.00390625, 1.01171875], np.float32)
+    values = np.concatenate([every_pattern, special, rng.standard_normal(10_000).astype(np.float32)])
+    got = arrays.float32_to_bfloat16_bits(np, values)
+    with np.errstate(invalid="ignore"):
+        want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all()
+    np.testing.assert_array_equal(arrays.bfloat16_to_float32(np, want[~nan]),
+                                  want[~nan].view(ml_dtypes.bfloat16).astype(np.float32))

@@ -66,6 +66,13 @@ def _xp(kind: str) -> Any:
     return np
 
 
+def array_module(kind: str, op: str = "convgrad") -> Any:
+    """NumPy or CuPy, for arrays of ``kind``; a TypeError for Numba arrays, which have no array functions."""
+    if kind in ("numpy", "cupy"):
+        return _xp(kind)
+    raise TypeError(f"{op}: bfloat16 needs NumPy or CuPy arrays; Numba has no bfloat16 type")
+
+
 def empty(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> Any:
     """An uninitialised C-contiguous array of ``kind`` (on ``like``'s device; a Numba array bound to ``like``'s stream)."""
     if kind == "numpy":
@@ -95,6 +102,29 @@ def fill(kind: str, array: Any, value: float) -> None:
         array.copy_to_device(np.full(array.shape, value, array.dtype), stream=getattr(array, "stream", 0))
     else:
         array[...] = value
+
+
+#: Dtypes that may carry bfloat16 data: bfloat16 itself, or 16-bit integers holding its bit
+#: patterns (the way CuPy users pass bfloat16, with ``dtype="bfloat16"``; CuPy has no such dtype).
+BFLOAT16_CARRIERS = ("bfloat16", "uint16", "int16")
+
+
+def bfloat16_to_float32(xp: Any, values: Any) -> Any:
+    """float32 copies of bfloat16 values given as bits (or as bfloat16), exact, on ``xp``'s device."""
+    return (values.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32)
+
+
+def float32_to_bfloat16_bits(xp: Any, values: Any) -> Any:
+    """The bit patterns (uint16) of float32 ``values`` rounded to bfloat16, to nearest even; NaN stays NaN.
+
+    Integer arithmetic only, so it runs as the same elementwise kernels on NumPy and CuPy.
+    """
+    bits = values.view(xp.uint32)
+    high = bits >> 16
+    # Round on the low half separately so no sum overflows 32 bits.
+    rounded = high + (((bits & 0xFFFF) + (high & 1) + 0x7FFF) >> 16)
+    nan = (values != values).astype(xp.uint32)
+    return (rounded * (1 - nan) + (high | 0x40) * nan).astype(xp.uint16)
 
 
 def element_strides(array: Any) -> tuple[int, ...]:
