@@ -1,4 +1,4 @@
-"""The ``convgrad`` command: ``info``, ``check``, ``bench``, ``explain``.
+"""The ``convgrad`` command: ``info``, ``check``, ``bench``, ``explain``, ``precompile``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; it is imported only when it is the one asked for.
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "check": ("convgrad.check", "run every pass on every available backend against the float64 reference"),
     "bench": ("convgrad.bench.cli", "time every pass on built-in layer suites, beside PyTorch"),
     "explain": ("convgrad.explain", "derive the three passes of a small convolution symbolically"),
+    "precompile": ("convgrad.precompiler", "compile ahead of time the GPU kernels a workload needs"),
 }
 
 

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Iterable, Sequence
 
-from .kernel_catalog import launchable_kernels
+from .kernel_catalog import compile_cost, launchable_kernels
 from .kernel_source import KernelSpec, nvrtc_options, read_source
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
@@ -165,6 +165,22 @@ def compile_check(archs: Iterable[str] = DEFAULT_ARCHS) -> list[dict]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: _compile_source(job[0], job[1], job[2], nvrtc_options(job[2], major)),
                                 jobs))
+    return [row for rows in results for row in rows]
+
+
+def compile_programs(kernels: Sequence[tuple[str, str]], arch: str, workers: int) -> list[dict]:
+    """Compile each ``(source, name_expression)`` as its own NVRTC program, ``workers`` at a time.
+
+    What the ``cupy`` runner does on first use (one program per instantiation, the costliest
+    started first), with its exact options, minus loading: rows as :func:`compile_check`'s.
+    """
+    reason = nvrtc_available()
+    if reason:
+        raise RuntimeError(reason)
+    options = nvrtc_options(arch, _nvrtc_major())
+    specs = sorted((KernelSpec(source, name, 0) for source, name in kernels), key=lambda s: -compile_cost(s.name))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda spec: _compile_source(spec.source, [spec], arch, options), specs))
     return [row for rows in results for row in rows]
 
 

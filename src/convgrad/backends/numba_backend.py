@@ -16,8 +16,10 @@ legal under CUDA-graph capture), else from Numba, bound to the call's stream.  N
 are copied to the device and back when the backend is named.
 
 Kernels compile on first launch, one signature per (kernel, tile, dtype), and stay cached
-in the backend.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernels
-run on the CPU, one OS thread per CUDA thread; the backend is then ``emulated``.
+in the backend and on disk (``cache=True``: Numba's cache directory, beside the module or
+``NUMBA_CACHE_DIR``); :func:`convgrad.precompile` builds them ahead of time.  Under Numba's
+CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernels run on the CPU, one OS thread
+per CUDA thread; the backend is then ``emulated``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -413,13 +415,23 @@ class NumbaBackend(Backend):
         return scope
 
     def _kernel(self, kernel: str, tile: str | None, dtype: str) -> Any:
+        """The compiled kernel, built on first use; ``cache=True`` keeps the build on disk for the next process."""
         spec = _kernels().KernelSpec(kernel, tile, dtype)
         with self._lock:
             compiled = self._compiled.get(spec)
             if compiled is None:
-                compiled = _cuda().jit(spec.signature)(spec.python_function())
+                compiled = _cuda().jit(spec.signature, cache=True)(spec.python_function())
                 self._compiled[spec] = compiled
         return compiled
+
+    def precompile(self, dtypes: Iterable[str]) -> list[str]:
+        """Build every kernel the backend can launch for ``dtypes`` (each is then on disk too); their labels."""
+        built = []
+        for spec in _kernels().launchable_kernels():
+            if spec.dtype in dtypes and spec.dtype in _SUPPORTED:
+                self._kernel(spec.kernel, spec.tile, spec.dtype)
+                built.append(spec.label)
+        return built
 
     def _launch(self, kernel: str, tile: str | None, dtype: str, grid: Any, block: int, stream: Any, *args: Any,
                 shared: int = 0) -> None:
