@@ -26,7 +26,7 @@ import numpy as np
 
 @dataclass
 class Event:
-    """One piece of device work: ``kind`` is alloc, kernel, copy, sync, shares_memory, compile or launch."""
+    """One piece of device work: ``kind`` is alloc, kernel, copy, sync, shares_memory, compile, launch or record."""
 
     kind: str
     name: str
@@ -119,7 +119,7 @@ def _build_module(state: StandIn) -> types.ModuleType:
     nvrtc = types.ModuleType("cupy.cuda.nvrtc")
     cupy.cuda, cuda.runtime, cuda.nvrtc = cuda, runtime, nvrtc
     cupy.__version__ = "14.0.0-stand-in"
-    for name in ("float16", "float32", "float64", "int16", "uint16", "int32", "uint32", "int64", "uint8"):
+    for name in ("float16", "float32", "float64", "int16", "uint16", "int32", "uint32", "int64", "uint64", "uint8"):
         setattr(cupy, name, getattr(np, name))
 
     class Device:
@@ -314,7 +314,21 @@ def _build_module(state: StandIn) -> types.ModuleType:
             pointers = [a.data.ptr for a in args if isinstance(a, ndarray)]
             state.record("launch", self.name, state.stream if stream is None else stream, grid=tuple(grid),
                          block=tuple(block), shared_mem=shared_mem, pointers=pointers,
-                         dtypes=[str(a.dtype) for a in args if isinstance(a, ndarray)])
+                         dtypes=[str(a.dtype) for a in args if isinstance(a, ndarray)],
+                         scalars=[a for a in args if isinstance(a, np.generic)])
+
+    class Event:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def record(self, stream: Any = None) -> None:
+            state.record("record", "event", stream)
+
+        def synchronize(self) -> None:
+            state.record("sync", "Event.synchronize")
+
+    def get_elapsed_time(start: Event, end: Event) -> float:
+        return 1.0  # milliseconds
 
     def get_current_stream(device: Any = None) -> Stream:
         return state.stream
@@ -340,6 +354,7 @@ def _build_module(state: StandIn) -> types.ModuleType:
     Stream.null = Stream(state, 0)
     cuda.Stream, cuda.Device, cuda.MemoryPointer, cuda.UnownedMemory = Stream, Device, MemoryPointer, UnownedMemory
     cuda.get_current_stream, cuda.ExternalStream, cuda.using_allocator = get_current_stream, ExternalStream, using_allocator
+    cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
     runtime.getDeviceCount, runtime.deviceSynchronize = getDeviceCount, deviceSynchronize
     nvrtc.getVersion = lambda: (13, 0)
     cupy.ndarray, cupy.empty, cupy.zeros, cupy.asarray, cupy.asnumpy = ndarray, empty, zeros, asarray, asnumpy
