@@ -274,7 +274,7 @@ for entry in "${STAGES[@]}"; do
         precompile)
             run_stage "$name" "$issue" "$limit" "$proves" precompile.json \
                 "$PYTHON" -m convgrad precompile "${BACKEND_ARGS[@]}" --suite resnet50 --suite mobilenetv2-dw \
-                --dtype float32,bfloat16 --json "$OUT/precompile.json" ;;
+                --dtype float32,bfloat16 --layout nchw,nhwc --json "$OUT/precompile.json" ;;
         tests-cupy)
             if has_backend cupy; then
                 pytest_stage "$name" "$issue" "$limit" "$proves" cupy tests/test_passes.py tests/test_determinism.py \
@@ -295,8 +295,9 @@ for entry in "${STAGES[@]}"; do
             else skip_stage "$name" "$issue" "$proves" - "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"; fi ;;
         bench-bf16)
             if has_backend cupy; then
+                # Channels-last: the layout the tensor-core kernels are fastest in.
                 bench_stage "$name" "$issue" "$limit" "$proves" --backend cupy --suite resnet50 --dtype bfloat16 \
-                    --repeats 5
+                    --layout nhwc --repeats 5
             else skip_stage "$name" "$issue" "$proves" "$name.json" "cupy is not available (numba has no bfloat16)"; fi ;;
         bench-fp32)
             bench_stage "$name" "$issue" "$limit" "$proves" "${BACKEND_ARGS[@]}" --suite resnet50 --dtype float32 \

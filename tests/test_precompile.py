@@ -178,3 +178,15 @@ def test_numba_kernel_closures_hash_the_same_in_every_process():
         for value in cells:
             assert isinstance(value, (int, float, bool, str, tuple, types.Type)), (label, type(value))
         assert pickle.loads(pickle.dumps(cells)) == cells
+
+
+def test_workloads_cover_every_layout_and_dtype_asked_for():
+    problems = precompiler.workload_problems(["resnet50"], ("float32", "bfloat16"), batch=4, layouts=("nchw", "nhwc"))
+    layers = len(SUITES["resnet50"].layers)
+    assert len(problems) == 4 * layers
+    assert {(p.dtype, p.channels_last) for p in problems} == {(d, c) for d in ("float32", "bfloat16") for c in (False, True)}
+    assert {p.N for p in problems} == {4}
+    with pytest.raises(ValueError, match="layouts"):
+        precompiler.workload_problems("resnet50", layouts=("nhw",))
+    with pytest.raises(ValueError, match="unknown suite"):
+        precompiler.workload_problems("resnet5")

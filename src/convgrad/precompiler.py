@@ -50,11 +50,15 @@ class PrecompileReport:
 
 
 def workload_problems(workload: Any, dtypes: Sequence[str] = ("float32",), *, batch: int | None = None,
-                      channels_last: bool = False, allow_tf32: bool = False) -> list[ConvProblem]:
+                      layouts: Sequence[str] = ("nchw",), allow_tf32: bool = False) -> list[ConvProblem]:
     """The problems of a workload: suite names (``"resnet50"``), problems, or a list mixing both.
 
-    A suite's layers are taken at ``batch`` (default: the suite's GPU batch) in every dtype.
+    A suite's layers are taken at ``batch`` (default: the suite's GPU batch) in every dtype and
+    every layout (``"nchw"``, ``"nhwc"``).
     """
+    for layout in layouts:
+        if layout not in ("nchw", "nhwc"):
+            raise ValueError(f"precompile: layouts are 'nchw' or 'nhwc', got {layout!r}")
     from .bench.suites import SUITES
 
     items = [workload] if isinstance(workload, (str, ConvProblem)) else list(workload)
@@ -66,9 +70,10 @@ def workload_problems(workload: Any, dtypes: Sequence[str] = ("float32",), *, ba
         if item not in SUITES:
             raise ValueError(f"precompile: unknown suite {item!r}; suites are {', '.join(sorted(SUITES))}")
         suite = SUITES[item]
-        for dtype in dtypes:
-            for layer in suite.layers:
-                problems.append(layer.problem(batch or suite.batch_gpu, dtype, channels_last, allow_tf32))
+        for layout in layouts:
+            for dtype in dtypes:
+                for layer in suite.layers:
+                    problems.append(layer.problem(batch or suite.batch_gpu, dtype, layout == "nhwc", allow_tf32))
     return problems
 
 
@@ -87,7 +92,7 @@ def planned_kernels(problems: Iterable[ConvProblem], passes: Sequence[str] = PAS
 
 
 def precompile(workload: Any, *, dtypes: Sequence[str] = ("float32",), passes: Sequence[str] = PASSES,
-               backend: str | Sequence[str] | None = None, batch: int | None = None, channels_last: bool = False,
+               backend: str | Sequence[str] | None = None, batch: int | None = None, layouts: Sequence[str] = ("nchw",),
                allow_tf32: bool = False, compile_only: bool = False, arch: str = "sm_90",
                workers: int | None = None) -> list[PrecompileReport]:
     """Build every kernel a workload needs, so that its first call, the GPU check or a
@@ -105,8 +110,9 @@ def precompile(workload: Any, *, dtypes: Sequence[str] = ("float32",), passes: S
         Of ``"fprop"``, ``"dgrad"``, ``"wgrad"``; a training step needs all three.
     backend : str or sequence of str, optional
         Default: every available GPU backend (``cupy``, ``numba``).
-    batch, channels_last, allow_tf32
-        How the suites' layers are called (default batch: the suite's GPU batch).
+    batch, layouts, allow_tf32
+        How the suites' layers are called (default batch: the suite's GPU batch; layouts among
+        ``"nchw"`` and ``"nhwc"``, where kernels may differ).
     compile_only : bool
         Compile the ``cupy`` kernels with NVRTC for ``arch`` only (no GPU needed, nothing loaded).
     arch : str
@@ -121,7 +127,7 @@ def precompile(workload: Any, *, dtypes: Sequence[str] = ("float32",), passes: S
     for pass_ in passes:
         if pass_ not in PASSES:
             raise ValueError(f"precompile: passes must be among {', '.join(PASSES)}, got {pass_!r}")
-    problems = workload_problems(workload, dtypes, batch=batch, channels_last=channels_last, allow_tf32=allow_tf32)
+    problems = workload_problems(workload, dtypes, batch=batch, layouts=layouts, allow_tf32=allow_tf32)
     if compile_only:
         return [_compile_only(problems, passes, arch, workers)]
     names = [backend] if isinstance(backend, str) else list(backend or [])
@@ -186,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pass", dest="passes", default="all", choices=(*PASSES, "all"),
                         help="the passes to build for (default: all three, a training step)")
     parser.add_argument("--batch", type=int, help="batch size (default: the suite's GPU batch)")
-    parser.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"))
+    parser.add_argument("--layout", default="nchw", help="comma-separated layouts, nchw and/or nhwc (default: %(default)s)")
     parser.add_argument("--allow-tf32", action="store_true")
     parser.add_argument("--backend", action="append",
                         help="a backend to build for (repeatable; default: every available GPU backend)")
@@ -207,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         if len(archs) != 1:
             raise ValueError(f"--arch takes one architecture, got {args.arch!r}")
         reports = precompile(args.suite or ["resnet50"], dtypes=dtypes, passes=passes, backend=args.backend,
-                             batch=args.batch, channels_last=args.layout == "nhwc", allow_tf32=args.allow_tf32,
+                             batch=args.batch, layouts=[l.strip() for l in args.layout.split(",") if l.strip()],
+                             allow_tf32=args.allow_tf32,
                              compile_only=args.compile_only, arch=archs[0], workers=args.workers)
     except (ValueError, RuntimeError) as error:
         print(f"convgrad precompile: {error}", file=sys.stderr)
