@@ -190,3 +190,22 @@ def test_workloads_cover_every_layout_and_dtype_asked_for():
         precompiler.workload_problems("resnet50", layouts=("nhw",))
     with pytest.raises(ValueError, match="unknown suite"):
         precompiler.workload_problems("resnet5")
+
+
+def test_cli_records_each_backend_as_it_finishes(stand_in, monkeypatch, tmp_path):
+    """A later backend failing (or running out of time) leaves the earlier ones' report."""
+    from convgrad import backends
+
+    numba = backends.get("numba")
+    monkeypatch.setattr(type(numba), "available", lambda self: True)
+
+    def fail(self, dtypes):
+        raise RuntimeError("numba stopped")
+
+    monkeypatch.setattr(type(numba), "precompile", fail)
+    path = tmp_path / "pre.json"
+    status = cli.main(["precompile", "--suite", "resnet50", "--batch", "2", "--backend", "cupy", "--backend", "numba",
+                       "--json", str(path)])
+    assert status == 1
+    (report,) = json.loads(path.read_text())["reports"]
+    assert report["backend"] == "cupy" and report["kernels"] > 0

@@ -204,28 +204,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build for each backend in turn, printing and (with ``--json``) recording each as it finishes,
+    so a run stopped by a time limit keeps what it had built."""
     from .compile_check import parse_archs
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     passes = PASSES if args.passes == "all" else (args.passes,)
+    suites = args.suite or ["resnet50"]
+    document: dict[str, Any] = {"suites": suites, "dtypes": dtypes, "layouts": args.layout, "passes": list(passes),
+                                "reports": []}
     try:
         archs = parse_archs(args.arch)
         if len(archs) != 1:
             raise ValueError(f"--arch takes one architecture, got {args.arch!r}")
-        reports = precompile(args.suite or ["resnet50"], dtypes=dtypes, passes=passes, backend=args.backend,
-                             batch=args.batch, layouts=[l.strip() for l in args.layout.split(",") if l.strip()],
-                             allow_tf32=args.allow_tf32,
-                             compile_only=args.compile_only, arch=archs[0], workers=args.workers)
+        names = args.backend or [None]
+        if not args.compile_only and args.backend is None:
+            names = [n for n in GPU_BACKENDS if n in backends.registered() and backends.get(n).available()
+                     and not backends.get(n).emulated] or [None]  # None: precompile() says why there is none
+        for name in names:
+            (report,) = precompile(suites, dtypes=dtypes, passes=passes, backend=name, batch=args.batch,
+                                   layouts=[layout.strip() for layout in args.layout.split(",") if layout.strip()],
+                                   allow_tf32=args.allow_tf32, compile_only=args.compile_only, arch=archs[0],
+                                   workers=args.workers)
+            where = f" for {report.arch} (NVRTC only)" if report.arch else ""
+            print(f"{report.backend}{where}: {len(report.kernels)} kernels in {report.seconds:.1f} s "
+                  f"({report.cpu_seconds:.1f} CPU-seconds)", flush=True)
+            document["reports"].append(report.as_dict())
+            if args.json:
+                with open(args.json, "w", encoding="utf-8") as handle:
+                    json.dump(document, handle, indent=1)
+            if args.compile_only:
+                break
     except (ValueError, RuntimeError) as error:
         print(f"convgrad precompile: {error}", file=sys.stderr)
         return 1
-    for report in reports:
-        where = f" for {report.arch} (NVRTC only)" if report.arch else ""
-        print(f"{report.backend}{where}: {len(report.kernels)} kernels in {report.seconds:.1f} s "
-              f"({report.cpu_seconds:.1f} CPU-seconds)")
-    if args.json:
-        document = {"suites": args.suite or ["resnet50"], "dtypes": dtypes, "passes": list(passes),
-                    "reports": [r.as_dict() for r in reports]}
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1)
     return 0
