@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (DESIGN §8): correctness, benchmarks and the memory checker, in that
-# order, each stage under its own time limit, all of it in under 5 minutes.
+# The one-shot GPU check (DESIGN §8), sized for a borrowed GPU: at most 8 minutes from a cold
+# cache, machine start not included.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# For a machine with a CUDA GPU, CuPy, Numba and PyTorch already installed, and no network.
-# It installs nothing and runs from the source tree (PYTHONPATH=src python -m convgrad ...).
-# A stage that fails or times out is recorded and the next one still runs.  It writes at most
-# 8 files into OUTDIR:
+# For a machine with a CUDA GPU, CuPy, Numba and PyTorch already installed, and no network. It
+# installs nothing and runs from the source tree (PYTHONPATH=src). The stages run in the order
+# of what they prove: the kernels compile (cold); each GPU backend computes the right answers;
+# then how fast. Each stage names the issue it verifies, runs under its own time limit (cut
+# further so the whole run stays within the budget), and a stage that fails or times out is
+# recorded while the next one still runs. After every stage OUTDIR is brought up to date, so a
+# run cut short keeps what it had. OUTDIR receives at most 8 files:
 #
-#   summary.md              the table printed at the end, with the GPU and the versions
-#   stage1-tests.json       the GPU part of the test suite on cupy and numba
-#   stage2-fp32.json/.png   bench resnet50 + mobilenetv2-dw, fp32 strict, against PyTorch
-#   stage3-bf16.json        bench resnet50 in bf16, channels-last (tensor cores)
-#   stage4-tf32.json        bench resnet50 with TF32 on both sides, channels-last (tensor cores)
-#   stage5-sanitizer.json   compute-sanitizer memcheck on small cases, pools off
-#   logs.tar.gz             every stage's full output
+#   summary.md            one row per stage: issue, status, seconds, what it found
+#   results.json          the same, with the machine, versions and each stage's output tail
+#   precompile.json       what the cold compile built, per backend, and how long it took
+#   bench-bf16.json       ResNet-50 in bfloat16 (tensor cores), cupy against PyTorch
+#   bench-fp32.json       ResNet-50 in strict fp32 (SIMT), cupy and numba against PyTorch
+#   bench-depthwise.json  MobileNetV2's depthwise layers, fp32, against PyTorch
+#   bench-model.json      a patched model's training step against native (once it exists)
+#   logs.tar.gz           every stage's full output
 #
-# Stage limits in seconds can be changed with GPU_CHECK_LIMITS="80 95 30 30 45", and the
-# backends checked (default: cupy and numba where available) with GPU_CHECK_BACKENDS="cupy".
+# Settings: GPU_CHECK_BACKENDS="cupy numba" (default: the GPU backends available),
+# GPU_CHECK_BUDGET_S=480 (the whole run), GPU_CHECK_SCALE=1.0 (multiplies every stage limit),
+# GPU_CHECK_KEEP_CACHE=1 (use the usual compile caches instead of empty ones).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -32,43 +37,140 @@ cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python}
-read -r -a LIMITS <<<"${GPU_CHECK_LIMITS:-80 95 30 30 45}"
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+SCALE=${GPU_CHECK_SCALE:-1.0}
+RESERVE=15 # seconds kept for the final report
+START=$(date +%s)
 WORK=$(mktemp -d)
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 trap 'rm -rf "$WORK"' EXIT
 STATUS="$LOGS/status.tsv"
-printf 'stage\tstatus\trc\tseconds\tfile\n' >"$STATUS"
-START=$(date +%s)
+printf 'stage\tissue\tstatus\trc\tseconds\tlimit\tfile\tproves\n' >"$STATUS"
 
-# run_stage NAME LIMIT LOG COMMAND...: run under `timeout`, append one status line, never abort.
+# "From a cold cache": empty compile caches for this run, shared by all its stages.
+if [ "${GPU_CHECK_KEEP_CACHE:-0}" != 1 ]; then
+    export CUPY_CACHE_DIR="$WORK/cache/cupy" NUMBA_CACHE_DIR="$WORK/cache/numba" \
+        CONVGRAD_CACHE_DIR="$WORK/cache/convgrad"
+fi
+
+# The stages, in order: name, issue verified, time limit (s), what it proves. The limits add up
+# to about 455 s; with the machine description and the report that is within the 480 s budget.
+STAGES=(
+    "precompile|10|90|every kernel a ResNet-50 and MobileNetV2 training step needs compiles, cold"
+    "tests-cupy|4|75|cupy: the shared suite (slow cases too), run-to-run determinism, tensors past 2^31 elements"
+    "torch-cuda|10|40|convgrad.torch on CUDA tensors: gradients, and training in float32 and bfloat16"
+    "tests-numba|3|60|numba: the shared suite (slow cases too) and run-to-run determinism"
+    "sanitizer|4|45|compute-sanitizer memcheck of every pass on small cases, memory pools off"
+    "bench-bf16|12|45|ResNet-50 in bfloat16 on tensor cores, against cuDNN"
+    "bench-fp32|11|50|ResNet-50 in strict fp32 on the SIMT kernels, against cuDNN"
+    "bench-depthwise|11|25|MobileNetV2 depthwise layers against PyTorch"
+    "bench-model|13|25|a patched model's training step against the native one"
+)
+
+elapsed() { echo $(($(date +%s) - START)); }
+
+# record NAME ISSUE STATUS RC SECONDS LIMIT FILE PROVES: one status line, then OUTDIR brought up to date.
+record() {
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STATUS"
+    report
+}
+
+# run_stage NAME ISSUE LIMIT PROVES FILE COMMAND...: run under `timeout`, record it, never abort.
 run_stage() {
-    local name=$1 limit=$2 log=$3 file=$4
-    shift 4
-    local began rc status
+    local name=$1 issue=$2 limit=$3 proves=$4 file=$5
+    shift 5
+    local left began rc status
+    limit=$(awk -v l="$limit" -v s="$SCALE" 'BEGIN { printf "%d", l * s }')
+    left=$((BUDGET - RESERVE - $(elapsed)))
+    if [ "$left" -lt 10 ]; then
+        echo "no time left in the ${BUDGET} s budget" >"$LOGS/$name.log"
+        record "$name" "$issue" skipped - 0 0 "$file" "$proves"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     began=$(date +%s)
-    echo "== $name (limit ${limit}s)" >&2
-    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+    echo "== $name (issue $issue, limit ${limit}s, at $(elapsed)s)" >&2
+    timeout -k 5 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     rc=$?
     case $rc in
         0) status=ok ;;
-        124 | 137 | 130) status=timeout ;;
+        124 | 137) status=timeout ;;
         *) status=failed ;;
     esac
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - began))" "$file" >>"$STATUS"
-    return 0
+    record "$name" "$issue" "$status" "$rc" "$(($(date +%s) - began))" "$limit" "$file" "$proves"
 }
 
 skip_stage() {
-    printf '%s\tskipped\t-\t0\t%s\n' "$1" "$2" >>"$STATUS"
-    echo "$3" >"$LOGS/$1.log"
+    local name=$1 issue=$2 proves=$3 file=$4 reason=$5
+    echo "$reason" >"$LOGS/$name.log"
+    record "$name" "$issue" skipped - 0 0 "$file" "$proves"
 }
+
+# summary.md, results.json and logs.tar.gz from what has run so far.
+report() {
+    "$PYTHON" "$WORK/report.py" "$OUT" "$LOGS" "$STATUS" "${GPU_NAME:-unknown GPU}" "$(elapsed)" "$BUDGET" \
+        >>"$LOGS/report.log" 2>&1
+    tar -czf "$OUT/logs.tar.gz.part" -C "$WORK" logs && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"
+}
+
+cat >"$WORK/report.py" <<'PY'
+"""Writes summary.md and results.json from the stages recorded so far."""
+import csv, json, re, sys
+from pathlib import Path
+
+out, logs, status_file, gpu, total, budget = (Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4],
+                                               sys.argv[5], sys.argv[6])
+stages = list(csv.DictReader(status_file.open(), delimiter="\t"))
+rows = []
+for stage in stages:
+    log = logs / f"{stage['stage']}.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    detail = ""
+    target = out / stage["file"] if stage["file"] != "-" else None
+    document = None
+    if target is not None and target.suffix == ".json" and target.exists():
+        try:
+            document = json.loads(target.read_text())
+        except ValueError:
+            document = None
+    if document and "summary" in document:
+        parts = []
+        for backend, passes in document["summary"].items():
+            ratios = " ".join(f"{p} {s['geomean_ratio']:.2f}x" for p, s in passes.items() if s.get("geomean_ratio"))
+            bad = sum(s.get("mismatches", 0) for s in passes.values())
+            parts.append(f"{backend}: {ratios or 'no timings'}" + (f" ({bad} mismatch/error)" if bad else ""))
+        if document.get("meta", {}).get("interrupted"):
+            parts.append("partial (interrupted)")
+        detail = "; ".join(parts)
+    elif document and "reports" in document:
+        detail = "; ".join(f"{r['backend']}: {r['kernels']} kernels in {r['seconds']:.1f} s" for r in document["reports"])
+    else:
+        counts = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|errors|skipped|deselected).*?)\s*=*$", text, re.M)
+        found = re.findall(r"ERROR SUMMARY: \d+ errors?|memcheck driver: \d+ wrong result\(s\)", text)
+        last = text.strip().splitlines()[-1:] or [""]
+        detail = "; ".join(counts + found) or last[0]
+    rows.append({**stage, "detail": detail[:400], "tail": text[-3000:]})
+machine = (logs / "machine.log").read_text(errors="replace") if (logs / "machine.log").exists() else ""
+versions = [l for l in machine.splitlines() if re.match(r"^(python|numpy|cupy|numba|torch|ml_dtypes|convgrad) ", l)]
+json.dump({"gpu": gpu, "total_s": int(total), "budget_s": int(budget), "versions": versions, "machine": machine[-4000:],
+           "stages": rows}, (out / "results.json").open("w"), indent=1)
+lines = [f"# GPU check on {gpu}", "", f"{total} s of the {budget} s budget (cold compile caches unless "
+         "GPU_CHECK_KEEP_CACHE=1). Bench ratios are geometric means of PyTorch time / convgrad time "
+         "(above 1: convgrad faster).", "",
+         "| stage | issue | status | seconds | limit | what it proves | found |", "|---|---|---|---:|---:|---|---|"]
+for row in rows:
+    cells = [row["stage"], f"#{row['issue']}", row["status"], row["seconds"], row["limit"], row["proves"], row["detail"]]
+    lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+lines += ["", "Versions: " + "; ".join(versions)]
+(out / "summary.md").write_text("\n".join(lines) + "\n")
+PY
 
 # The machine, for the summary and the logs.
 {
     nvidia-smi 2>&1 || echo "nvidia-smi: not found"
     echo
-    "$PYTHON" - <<'PY' 2>&1
+    timeout 60 "$PYTHON" - <<'PY' 2>&1
 import importlib.metadata as m, platform
 print("python", platform.python_version())
 for dist in ("numpy", "cupy-cuda13x", "cupy-cuda12x", "numba", "numba-cuda", "torch", "ml_dtypes"):
@@ -82,50 +184,15 @@ PY
     git -C "$ROOT" rev-parse HEAD 2>/dev/null
 } >"$LOGS/machine.log"
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-GPU_BACKENDS=${GPU_CHECK_BACKENDS:-$(timeout 60 "$PYTHON" -c "import convgrad; print(' '.join(n for n in convgrad.backends.available(include_emulated=False) if n in ('cupy', 'numba')))" 2>>"$LOGS/machine.log")}
+GPU_BACKENDS=${GPU_CHECK_BACKENDS-$(timeout 60 "$PYTHON" -c "import convgrad; print(' '.join(n for n in convgrad.backends.available(include_emulated=False) if n in ('cupy', 'numba')))" 2>>"$LOGS/machine.log")}
+echo "GPU: ${GPU_NAME:-none found}; GPU backends: ${GPU_BACKENDS:-none}" >&2
+has_backend() { [[ " $GPU_BACKENDS " == *" $1 "* ]]; }
 BACKEND_ARGS=()
 for name in $GPU_BACKENDS; do BACKEND_ARGS+=(--backend "$name"); done
-echo "GPU: ${GPU_NAME:-none found}; GPU backends: ${GPU_BACKENDS:-none}" >&2
-
-# 1. Correctness: the shared suite (GPU-sized cases included) and the determinism / large tests.
-if [ -n "$GPU_BACKENDS" ]; then
-    run_stage stage1-tests "${LIMITS[0]}" "$LOGS/stage1-tests.log" stage1-tests.json bash -c '
-        "$0" -m pytest tests/test_passes.py "${@}" --run-slow -q -p no:cacheprovider
-        first=$?
-        "$0" -m pytest tests "${@}" --run-slow -q -p no:cacheprovider -k "determinis or large"
-        second=$?
-        [ "$second" -eq 5 ] && second=0   # no such tests collected
-        [ "$first" -ne 0 ] && exit "$first"
-        exit "$second"' "$PYTHON" "${BACKEND_ARGS[@]}"
-else
-    skip_stage stage1-tests stage1-tests.json "no GPU backend (cupy, numba) is available"
-fi
-
-# 2-4. Benchmarks against PyTorch (cuDNN, benchmark mode, TF32 set the same on both sides).
-bench() {
-    local name=$1 limit=$2
-    shift 2
-    run_stage "$name" "$limit" "$LOGS/$name.log" "$name.json" \
-        "$PYTHON" -m convgrad bench "${BACKEND_ARGS[@]}" --reference torch --no-progress --json "$OUT/$name.json" "$@"
-}
-if [ -n "$GPU_BACKENDS" ]; then
-    bench stage2-fp32 "${LIMITS[1]}" --suite resnet50 --suite mobilenetv2-dw --dtype float32 --repeats 10 \
-        --plot "$OUT/stage2-fp32.png"
-    # Channels-last: the tensor-core kernels' fast path (and what the speed targets are set for).
-    bench stage3-bf16 "${LIMITS[2]}" --suite resnet50 --dtype bfloat16 --layout nhwc --repeats 5
-    bench stage4-tf32 "${LIMITS[3]}" --suite resnet50 --dtype float32 --allow-tf32 --layout nhwc --repeats 5
-else
-    for name in stage2-fp32 stage3-bf16 stage4-tf32; do
-        skip_stage "$name" "$name.json" "no GPU backend (cupy, numba) is available"
-    done
-fi
-
-# 5. compute-sanitizer memcheck on small cases, with CuPy's memory pools off (a pool hides
-#    out-of-bounds accesses inside its large blocks).
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-if [ -n "$GPU_BACKENDS" ] && [ -n "$SANITIZER" ]; then
-    cat >"$WORK/memcheck_driver.py" <<'PY'
-"""Small cases of every pass on the named backends, for compute-sanitizer; pools off."""
+
+cat >"$WORK/memcheck_driver.py" <<'PY'
+"""Small cases of every pass on the named backends, for compute-sanitizer; memory pools off."""
 import sys
 
 import numpy as np
@@ -181,64 +248,70 @@ for backend in sys.argv[1:]:
 print(f"memcheck driver: {failures} wrong result(s)")
 sys.exit(1 if failures else 0)
 PY
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage stage5-sanitizer "${LIMITS[4]}" "$LOGS/stage5-sanitizer.log" \
-        stage5-sanitizer.json "$SANITIZER" --tool memcheck --leak-check no --error-exitcode 86 --print-limit 20 \
-        "$PYTHON" "$WORK/memcheck_driver.py" $GPU_BACKENDS
-elif [ -z "$SANITIZER" ]; then
-    skip_stage stage5-sanitizer stage5-sanitizer.json "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"
-else
-    skip_stage stage5-sanitizer stage5-sanitizer.json "no GPU backend (cupy, numba) is available"
-fi
 
-# One JSON per stage (the bench stages wrote theirs; the others get one from their logs), then
-# the summary, then the logs.
-"$PYTHON" - "$OUT" "$LOGS" "$STATUS" "${GPU_NAME:-unknown GPU}" "$(($(date +%s) - START))" <<'PY'
-import csv, json, math, re, sys
-from pathlib import Path
+# pytest_stage NAME ISSUE LIMIT PROVES BACKEND TESTS...: the named tests on one backend, slow cases included.
+pytest_stage() {
+    local name=$1 issue=$2 limit=$3 proves=$4 backend=$5
+    shift 5
+    run_stage "$name" "$issue" "$limit" "$proves" - \
+        "$PYTHON" -m pytest "$@" --backend "$backend" --run-slow -q -p no:cacheprovider
+}
 
-out, logs, status_file, gpu, total = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
-stages = list(csv.DictReader(status_file.open(), delimiter="\t"))
-rows = []
-for stage in stages:
-    name, log = stage["stage"], logs / f"{stage['stage']}.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    target = out / stage["file"]
-    detail = ""
-    if name.startswith("stage1") or name.startswith("stage5"):
-        counts = re.findall(r"^=*\s*(\d+ (?:passed|failed|error|errors|skipped|deselected).*?)\s*=*$", text, re.M)
-        sanitizer = re.findall(r"ERROR SUMMARY: \d+ errors?", text)
-        wrong = re.findall(r"memcheck driver: \d+ wrong result\(s\)", text)
-        last = text.strip().splitlines()[-1:] or [""]
-        detail = "; ".join(counts + sanitizer + wrong) or last[0]
-        target.write_text(json.dumps({"stage": name, **stage, "detail": detail, "tail": text[-4000:]}, indent=1) + "\n")
-    else:
-        try:
-            document = json.loads(target.read_text())
-        except (OSError, ValueError):
-            document = None
-            target.write_text(json.dumps({"stage": name, **stage, "error": "no JSON written", "tail": text[-4000:]},
-                                         indent=1) + "\n")
-        if document and "summary" in document:
-            parts = []
-            for backend, passes in document["summary"].items():
-                ratios = " ".join(f"{p} {s['geomean_ratio']:.2f}x" for p, s in passes.items() if s["geomean_ratio"])
-                bad = sum(s["mismatches"] for s in passes.values())
-                parts.append(f"{backend}: {ratios or 'no timings'}" + (f" ({bad} mismatch/error)" if bad else ""))
-            if document["meta"].get("interrupted"):
-                parts.append("partial (interrupted)")
-            detail = "; ".join(parts)
-        elif stage["status"] == "skipped":
-            detail = text.strip()
-    rows.append((name, stage["status"], stage["rc"], stage["seconds"], detail.replace("|", "/")))
-lines = [f"# GPU check on {gpu}", "", f"Total {total} s. Bench ratios are geometric means of "
-         "PyTorch time / convgrad time (above 1: convgrad faster).", "",
-         "| stage | status | rc | seconds | detail |", "|---|---|---|---:|---|"]
-lines += [f"| {' | '.join(map(str, row))} |" for row in rows]
-machine = (logs / "machine.log").read_text(errors="replace") if (logs / "machine.log").exists() else ""
-versions = [l for l in machine.splitlines() if re.match(r"^(python|numpy|cupy|numba|torch|ml_dtypes|convgrad) ", l)]
-lines += ["", "Versions: " + "; ".join(versions)]
-(out / "summary.md").write_text("\n".join(lines) + "\n")
-PY
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+bench_stage() {
+    local name=$1 issue=$2 limit=$3 proves=$4
+    shift 4
+    run_stage "$name" "$issue" "$limit" "$proves" "$name.json" \
+        "$PYTHON" -m convgrad bench --reference torch --no-progress --json "$OUT/$name.json" "$@"
+}
+
+for entry in "${STAGES[@]}"; do
+    IFS='|' read -r name issue limit proves <<<"$entry"
+    if [ -z "$GPU_BACKENDS" ]; then
+        skip_stage "$name" "$issue" "$proves" - "no GPU backend (cupy, numba) is available"
+        continue
+    fi
+    case $name in
+        precompile)
+            run_stage "$name" "$issue" "$limit" "$proves" precompile.json \
+                "$PYTHON" -m convgrad precompile "${BACKEND_ARGS[@]}" --suite resnet50 --suite mobilenetv2-dw \
+                --dtype float32,bfloat16 --layout nchw,nhwc --json "$OUT/precompile.json" ;;
+        tests-cupy)
+            if has_backend cupy; then
+                pytest_stage "$name" "$issue" "$limit" "$proves" cupy tests/test_passes.py tests/test_determinism.py \
+                    tests/test_large.py
+            else skip_stage "$name" "$issue" "$proves" - "cupy is not available"; fi ;;
+        torch-cuda)
+            run_stage "$name" "$issue" "$limit" "$proves" - \
+                "$PYTHON" -m pytest tests/test_torch.py -k cuda -q -p no:cacheprovider ;;
+        tests-numba)
+            if has_backend numba; then
+                pytest_stage "$name" "$issue" "$limit" "$proves" numba tests/test_passes.py tests/test_determinism.py
+            else skip_stage "$name" "$issue" "$proves" - "numba is not available"; fi ;;
+        sanitizer)
+            if [ -n "$SANITIZER" ]; then
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage "$name" "$issue" "$limit" "$proves" - "$SANITIZER" \
+                    --tool memcheck --leak-check no --error-exitcode 86 --print-limit 20 \
+                    "$PYTHON" "$WORK/memcheck_driver.py" $GPU_BACKENDS
+            else skip_stage "$name" "$issue" "$proves" - "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"; fi ;;
+        bench-bf16)
+            if has_backend cupy; then
+                # Channels-last: the layout the tensor-core kernels are fastest in.
+                bench_stage "$name" "$issue" "$limit" "$proves" --backend cupy --suite resnet50 --dtype bfloat16 \
+                    --layout nhwc --repeats 5
+            else skip_stage "$name" "$issue" "$proves" "$name.json" "cupy is not available (numba has no bfloat16)"; fi ;;
+        bench-fp32)
+            bench_stage "$name" "$issue" "$limit" "$proves" "${BACKEND_ARGS[@]}" --suite resnet50 --dtype float32 \
+                --repeats 5 ;;
+        bench-depthwise)
+            bench_stage "$name" "$issue" "$limit" "$proves" "${BACKEND_ARGS[@]}" --suite mobilenetv2-dw \
+                --dtype float32 --repeats 10 ;;
+        bench-model)
+            if "$PYTHON" -m convgrad bench --help 2>/dev/null | grep -q -- "--model"; then
+                bench_stage "$name" "$issue" "$limit" "$proves" --model resnet18 --repeats 3
+            else skip_stage "$name" "$issue" "$proves" "$name.json" "convgrad bench --model does not exist yet"; fi ;;
+    esac
+done
+
+report
 echo
 cat "$OUT/summary.md"

@@ -211,3 +211,66 @@ def test_bias_gradient(shape, channels_last, numba_backend):
     axis = len(shape) - 1 if channels_last else 1
     expected = dy.astype(np.float64).sum(axis=tuple(a for a in range(len(shape)) if a != axis))
     np.testing.assert_array_equal(got.copy_to_host(), expected.astype(np.float32))
+
+
+def test_every_launch_copy_and_allocation_uses_the_stream_the_arrays_are_bound_to(numba_backend, monkeypatch):
+    """Arrays bound to a stream (as ``convgrad.torch`` binds them to PyTorch's) keep all work on it.
+
+    Every kernel configuration, device allocation and host<->device copy is recorded with the
+    stream it was given (a copy's default is its array's bound stream, as in Numba).
+    """
+    from numba import cuda
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from convgrad.backends import numba_backend as module
+
+    stream = cuda.stream()
+    used: list[tuple[str, str, Any]] = []
+    real_kernel = module.NumbaBackend._kernel
+
+    class Recording:
+        def __init__(self, name: str, compiled: Any) -> None:
+            self.name, self.compiled = name, compiled
+
+        def __getitem__(self, config: tuple) -> Any:
+            used.append(("launch", self.name, config[2]))
+            return self.compiled[config]
+
+    monkeypatch.setattr(module.NumbaBackend, "_kernel",
+                        lambda self, kernel, tile, dtype: Recording(kernel, real_kernel(self, kernel, tile, dtype)))
+    real_device_array = cuda.device_array
+
+    def device_array(*args: Any, stream: Any = 0, **kwargs: Any) -> Any:
+        used.append(("alloc", str(args[0]), stream))
+        return real_device_array(*args, stream=stream, **kwargs)
+
+    monkeypatch.setattr(cuda, "device_array", device_array)
+    real_copy = FakeCUDAArray.copy_to_device
+
+    def copy_to_device(self: Any, ary: Any, stream: Any = 0) -> None:
+        used.append(("copy", str(self.shape), stream or self.stream))
+        real_copy(self, ary, stream)
+
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_device", copy_to_device)
+
+    rng = np.random.default_rng(3)
+
+    def bound(shape: tuple[int, ...]) -> Any:
+        return cuda.to_device(_int_array(rng, shape, "float32")).bind(stream)
+
+    x, w, b, dy = bound((2, 4, 9, 9)), bound((6, 4, 3, 3)), bound((6,)), bound((2, 6, 9, 9))
+    used.clear()  # from here on, only what convgrad does
+    convgrad.conv2d(x, w, b, padding=1)
+    convgrad.conv2d(x, w, b, padding=1, out=bound((2, 6, 9, 9)))
+    convgrad.conv2d_input(x.shape, w, dy, padding=1)
+    numba_backend.overrides["splits"] = 3  # a split-K workspace and its reduction
+    convgrad.conv2d_weight(x, w.shape, dy, padding=1)
+    convgrad.conv_transpose2d(dy, w, bound((4,)), padding=1)  # dgrad, then the bias kernel
+    convgrad.conv_bias_grad(dy)
+    convgrad.conv2d(bound((2, 0, 9, 9)), bound((6, 0, 3, 3)), padding=1)  # empty: the output is filled by a copy
+    kinds = {kind for kind, _, _ in used}
+    assert kinds == {"launch", "alloc", "copy"}, used
+    wrong = [entry for entry in used if entry[2] is not stream]
+    assert not wrong, f"work outside the arrays' stream: {wrong}"
+    launched = {name for kind, name, _ in used if kind == "launch"}
+    assert {"fprop_dense", "dgrad_dense", "wgrad_dense", "wgrad_reduce", "add_bias", "grad_bias"} <= launched

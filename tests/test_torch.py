@@ -643,6 +643,24 @@ def test_cuda_training_parity_with_native(dtype, rtol, monkeypatch):
     _parity(dtype, rtol, device="cuda")
 
 
+def _bfloat16_training_follows_native(device):
+    """50 SGD steps in bfloat16: the first loss as native's to bf16 precision, then learning as native does."""
+    x, y = _digits(torch.bfloat16)
+    native = _cnn(torch.bfloat16)
+    patched = ct.patch(copy.deepcopy(native))
+    expected = _train_losses(native, x, y, device=device)
+    losses = _train_losses(patched, x, y, device=device)
+    assert losses[0] == pytest.approx(expected[0], rel=2e-2)
+    assert np.mean(losses[-10:]) < 0.5 * losses[0]
+    assert np.mean(losses[-10:]) == pytest.approx(np.mean(expected[-10:]), abs=0.1 * expected[0])
+
+
+@needs_cuda
+def test_cuda_bfloat16_training_follows_native():
+    """bf16 CUDA tensors reach the kernels as their bits (no CuPy bfloat16 needed) and train."""
+    _bfloat16_training_follows_native("cuda")
+
+
 @needs_cuda
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

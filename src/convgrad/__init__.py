@@ -22,6 +22,7 @@ from .functional import (
     conv_transpose2d,
     conv_transpose3d,
 )
+from .precompiler import precompile
 from .problem import ConvProblem
 
 __version__ = "0.1.0"
@@ -43,4 +44,5 @@ __all__ = [
     "conv_transpose1d",
     "conv_transpose2d",
     "conv_transpose3d",
+    "precompile",
 ]

@@ -70,8 +70,15 @@ def _xp(kind: str) -> Any:
     return np
 
 
+def array_module(kind: str, op: str = "convgrad") -> Any:
+    """NumPy or CuPy, for arrays of ``kind``; a TypeError for Numba arrays, which have no array functions."""
+    if kind in ("numpy", "cupy"):
+        return _xp(kind)
+    raise TypeError(f"{op}: bfloat16 needs NumPy or CuPy arrays; Numba has no bfloat16 type")
+
+
 def empty(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> Any:
-    """An uninitialised C-contiguous array of ``kind`` (on ``like``'s device)."""
+    """An uninitialised C-contiguous array of ``kind`` (on ``like``'s device; a Numba array bound to ``like``'s stream)."""
     if kind == "numpy":
         return np.empty(shape, dtype)
     if kind == "cupy":
@@ -82,7 +89,7 @@ def empty(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> An
     if kind == "numba":
         from numba import cuda
 
-        return cuda.device_array(shape, dtype)
+        return cuda.device_array(shape, dtype, stream=getattr(like, "stream", 0))
     raise TypeError(f"cannot allocate a {kind} array")
 
 
@@ -94,10 +101,34 @@ def zeros(kind: str, shape: tuple[int, ...], dtype: Any, like: Any = None) -> An
 
 def fill(kind: str, array: Any, value: float) -> None:
     if kind == "numba":
-        # Numba device arrays have no fill; outputs allocated here are contiguous.
-        array.copy_to_device(np.full(array.shape, value, array.dtype))
+        # Numba device arrays have no fill; outputs allocated here are contiguous.  The copy goes
+        # to the stream the array is bound to, as the kernels do.
+        array.copy_to_device(np.full(array.shape, value, array.dtype), stream=getattr(array, "stream", 0))
     else:
         array[...] = value
+
+
+#: Dtypes that may carry bfloat16 data: bfloat16 itself, or 16-bit integers holding its bit
+#: patterns (the way CuPy users pass bfloat16, with ``dtype="bfloat16"``; CuPy has no such dtype).
+BFLOAT16_CARRIERS = ("bfloat16", "uint16", "int16")
+
+
+def bfloat16_to_float32(xp: Any, values: Any) -> Any:
+    """float32 copies of bfloat16 values given as bits (or as bfloat16), exact, on ``xp``'s device."""
+    return (values.view(xp.uint16).astype(xp.uint32) << 16).view(xp.float32)
+
+
+def float32_to_bfloat16_bits(xp: Any, values: Any) -> Any:
+    """The bit patterns (uint16) of float32 ``values`` rounded to bfloat16, to nearest even; NaN stays NaN.
+
+    Integer arithmetic only, so it runs as the same elementwise kernels on NumPy and CuPy.
+    """
+    bits = values.view(xp.uint32)
+    high = bits >> 16
+    # Round on the low half separately so no sum overflows 32 bits.
+    rounded = high + (((bits & 0xFFFF) + (high & 1) + 0x7FFF) >> 16)
+    nan = (values != values).astype(xp.uint32)
+    return (rounded * (1 - nan) + (high | 0x40) * nan).astype(xp.uint16)
 
 
 def element_strides(array: Any) -> tuple[int, ...]:
@@ -153,33 +184,74 @@ def user_view_strides(view: Any) -> tuple[int, ...]:
     return element_strides(view)
 
 
-def may_overlap(kind: str, a: Any, b: Any) -> bool:
-    """Whether two arrays may share memory (conservative for device arrays)."""
-    if kind == "numpy":
-        return bool(np.shares_memory(a, b, max_work=1_000_000)) if a.size and b.size else False
-    if kind == "cupy":
-        import cupy
+#: Work NumPy's overlap solver may spend on one pair of arrays before the answer counts as "may
+#: overlap".  Views of one buffer with the same strides (interleaved slices, channel halves)
+#: are decided in a few steps; only contrived stride patterns reach this bound.
+OVERLAP_MAX_WORK = 10_000
 
-        return bool(cupy.shares_memory(a, b)) if a.size and b.size else False
-    if kind == "numba":
-        if _is_simulated(a) or _is_simulated(b):
-            return bool(np.shares_memory(a._ary, b._ary)) if a.size and b.size else False
-        lo_a, hi_a = _extent(a)
-        lo_b, hi_b = _extent(b)
-        return a.size > 0 and b.size > 0 and lo_a < hi_b and lo_b < hi_a
-    return False
+
+def may_overlap(kind: str, a: Any, b: Any) -> bool:
+    """Whether two arrays may share memory, decided from their metadata alone.
+
+    Only each array's address, shape, strides and itemsize are read: no device memory is
+    allocated, no kernel is launched, nothing is synchronised (this runs on every call that
+    passes ``out=``, also inside CUDA-graph capture).  Disjoint address ranges answer False
+    at once; otherwise NumPy's bounded solver for the overlap problem runs on the host, on
+    element-free stand-ins with the same addresses and strides, and a problem too hard for
+    :data:`OVERLAP_MAX_WORK` steps answers True (conservative).
+    """
+    if a.size == 0 or b.size == 0:
+        return False
+    first, second = _memory_layout(kind, a), _memory_layout(kind, b)
+    (low_a, high_a), (low_b, high_b) = _address_range(*first), _address_range(*second)
+    if high_a <= low_b or high_b <= low_a:
+        return False
+    try:
+        return bool(np.shares_memory(_layout_only(*first), _layout_only(*second), max_work=OVERLAP_MAX_WORK))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def _memory_layout(kind: str, array: Any) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+    """(address of the first element, shape, byte strides, itemsize), without touching the data."""
+    if kind == "numba" and _is_simulated(array):
+        array = array._ary
+    if isinstance(array, np.ndarray):
+        address = int(array.__array_interface__["data"][0])
+    elif kind == "cupy":
+        address = int(array.data.ptr)
+    else:
+        address = int(array.__cuda_array_interface__["data"][0])
+    shape = tuple(int(n) for n in array.shape)
+    return address, shape, tuple(int(s) for s in array.strides), int(array.dtype.itemsize)
+
+
+def _address_range(address: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """[lowest, one past the highest) byte address a strided array touches."""
+    low = address + sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
+    high = address + sum(max(0, (n - 1) * s) for n, s in zip(shape, strides)) + itemsize
+    return low, high
+
+
+class _LayoutOnly:
+    """An array interface with a given address and strides, for NumPy's overlap solver.
+
+    The solver only does arithmetic on addresses, so the address may be a GPU pointer: the
+    NumPy array made from this is never read.
+    """
+
+    def __init__(self, address: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> None:
+        self.__array_interface__ = {"shape": shape, "strides": strides, "typestr": f"|V{itemsize}",
+                                    "data": (address, True), "version": 3}
+
+
+def _layout_only(address: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> np.ndarray:
+    return np.asarray(_LayoutOnly(address, shape, strides, itemsize))
 
 
 def _is_simulated(array: Any) -> bool:
     """Whether a Numba array is one of the CUDA simulator's (a NumPy array in disguise)."""
     return type(array).__module__.startswith("numba.cuda.simulator")
-
-
-def _extent(array: Any) -> tuple[int, int]:
-    base = array.__cuda_array_interface__["data"][0]
-    lo = base + sum(min(0, (n - 1) * s) for n, s in zip(array.shape, array.strides))
-    hi = base + sum(max(0, (n - 1) * s) for n, s in zip(array.shape, array.strides)) + array.dtype.itemsize
-    return lo, hi
 
 
 def has_internal_overlap(array: Any) -> bool:

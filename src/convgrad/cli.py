@@ -1,4 +1,4 @@
-"""The ``convgrad`` command: ``info``, ``check``, ``bench``, ``explain``, ``cache``.
+"""The ``convgrad`` command: ``info``, ``check``, ``bench``, ``explain``, ``precompile``, ``cache``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; it is imported only when it is the one asked for.  ``--version``
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("convgrad.bench.cli", "time every pass on built-in layer suites, beside PyTorch"),
     "explain": ("convgrad.explain", "derive the three passes of a small convolution symbolically"),
     "cache": ("convgrad.cache", "where compiled kernels are kept on disk, their sizes; --clear deletes them"),
+    "precompile": ("convgrad.precompiler", "compile ahead of time the GPU kernels a workload needs"),
 }
 
 

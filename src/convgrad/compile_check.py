@@ -15,8 +15,8 @@ import re
 import sys
 from typing import Iterable, Sequence
 
-from .kernel_catalog import launchable_kernels
-from .kernel_source import KernelSpec, compile_options, read_source
+from .kernel_catalog import compile_cost, launchable_kernels
+from .kernel_source import KernelSpec, nvrtc_options, read_source
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 _NAMES_PER_PROGRAM = 6
@@ -93,7 +93,8 @@ def _compile_source(source: str, specs: Sequence[KernelSpec], arch: str, options
     try:
         for spec in specs:
             nvrtc.nvrtcAddNameExpression(program, spec.name.encode())
-        opts = [o.encode() for o in (*options, f"--gpu-architecture={arch}", "-Xptxas=-v")]
+        # The runner's options for this architecture, plus the resource report (which only prints).
+        opts = [o.encode() for o in (*options, "-Xptxas=-v")]
         (result,) = nvrtc.nvrtcCompileProgram(program, len(opts), opts)
         log = _program_log(nvrtc, program)
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
@@ -127,8 +128,9 @@ def _row(spec: KernelSpec, arch: str, *, registers: int = 0, shared: int = 0, sp
 def compile_check(archs: Iterable[str] = DEFAULT_ARCHS) -> list[dict]:
     """Compile every instantiation the ``cupy`` backend can launch, for each architecture.
 
-    Uses NVRTC through ``cuda.bindings.nvrtc`` with the same sources, options and include
-    paths as the CuPy runner, plus ``-Xptxas=-v`` for the resource report.  Needs no GPU.
+    Uses NVRTC through ``cuda.bindings.nvrtc`` with the same sources and exactly the option
+    list NVRTC receives from the CuPy runner (:func:`~convgrad.kernel_source.nvrtc_options`,
+    CuPy's own additions included), plus ``-Xptxas=-v`` for the resource report.  Needs no GPU.
 
     Parameters
     ----------
@@ -151,7 +153,7 @@ def compile_check(archs: Iterable[str] = DEFAULT_ARCHS) -> list[dict]:
     reason = nvrtc_available()
     if reason:
         raise RuntimeError(reason)
-    options = compile_options(_nvrtc_major())
+    major = _nvrtc_major()
     by_source: dict[str, list[KernelSpec]] = {}
     for spec in launchable_kernels():
         by_source.setdefault(spec.source, []).append(spec)
@@ -161,7 +163,24 @@ def compile_check(archs: Iterable[str] = DEFAULT_ARCHS) -> list[dict]:
             for i in range(0, len(specs), _NAMES_PER_PROGRAM)]
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: _compile_source(job[0], job[1], job[2], options), jobs))
+        results = list(pool.map(lambda job: _compile_source(job[0], job[1], job[2], nvrtc_options(job[2], major)),
+                                jobs))
+    return [row for rows in results for row in rows]
+
+
+def compile_programs(kernels: Sequence[tuple[str, str]], arch: str, workers: int) -> list[dict]:
+    """Compile each ``(source, name_expression)`` as its own NVRTC program, ``workers`` at a time.
+
+    What the ``cupy`` runner does on first use (one program per instantiation, the costliest
+    started first), with its exact options, minus loading: rows as :func:`compile_check`'s.
+    """
+    reason = nvrtc_available()
+    if reason:
+        raise RuntimeError(reason)
+    options = nvrtc_options(arch, _nvrtc_major())
+    specs = sorted((KernelSpec(source, name, 0) for source, name in kernels), key=lambda s: -compile_cost(s.name))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda spec: _compile_source(spec.source, [spec], arch, options), specs))
     return [row for rows in results for row in rows]
 
 

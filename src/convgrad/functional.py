@@ -29,6 +29,7 @@ from .problem import (
     check_dtype,
     check_input_size,
     conv_problem,
+    dtype_name,
     transposed_problem,
     w_user_shape,
     x_user_shape,
@@ -87,6 +88,45 @@ def _check_out(op: str, out: Any, kind: str, shape: tuple[int, ...], dtype: Any,
             raise ValueError(f"{op}: out overlaps {arg}; give a separate output array")
 
 
+def _element_type(op: str, declared: Any, **arrays_: Any) -> str:
+    """The dtype of a call: the arrays' own, or ``declared`` (``dtype=``) for bfloat16 carried as bits.
+
+    ``dtype="bfloat16"`` accepts bfloat16 arrays and 16-bit integer arrays holding bfloat16 bit
+    patterns (how CuPy arrays carry bfloat16; CuPy has no bfloat16 dtype); any other declared
+    dtype must be the arrays' own.
+    """
+    if declared is None:
+        for arg, a in arrays_.items():
+            if a is not None and dtype_name(a.dtype) in arrays.BFLOAT16_CARRIERS[1:]:
+                raise TypeError(f"{op}: {arg} has dtype {dtype_name(a.dtype)}; for bfloat16 given as its bits, "
+                                "pass dtype='bfloat16'")
+        return check_dtype(op, **arrays_)
+    name = declared if isinstance(declared, str) else dtype_name(declared)
+    if name != "bfloat16":
+        found = check_dtype(op, **arrays_)
+        if found != name:
+            raise TypeError(f"{op}: dtype={name!r} but the arrays hold {found}; dtype= declares the element type "
+                            "only for bfloat16 given as its bits (uint16 or int16 arrays)")
+        return found
+    names = {arg: dtype_name(a.dtype) for arg, a in arrays_.items() if a is not None}
+    for arg, found in names.items():
+        if found not in arrays.BFLOAT16_CARRIERS:
+            raise TypeError(f"{op}: dtype='bfloat16' takes bfloat16 arrays or uint16/int16 arrays holding bfloat16 "
+                            f"bit patterns; {arg} has dtype {found}")
+    first_arg, first = next(iter(names.items()))
+    for arg, found in names.items():
+        if found != first:
+            raise TypeError(f"{op}: {arg} has dtype {found} but {first_arg} has dtype {first}; they must match")
+    return "bfloat16"
+
+
+def _bfloat16_view(array: Any) -> Any:
+    """A NumPy array of bfloat16 bits viewed as ``ml_dtypes.bfloat16`` (same memory), for the CPU code."""
+    import ml_dtypes
+
+    return None if array is None else array.view(ml_dtypes.bfloat16)
+
+
 def _options(deterministic: bool | None, allow_tf32: bool | None) -> dict[str, bool]:
     return {
         "deterministic": bool(options.get("deterministic", deterministic)),
@@ -115,6 +155,11 @@ def _run(
     out_shape = {"x": x_user_shape, "y": y_user_shape, "w": w_user_shape}[out_role](problem)
     like = next(iter(inputs.values()))
     dtype = like.dtype
+    if kind == "numpy" and problem.dtype == "bfloat16" and dtype_name(dtype) != "bfloat16":
+        # bfloat16 bits in NumPy arrays: compute on ml_dtypes.bfloat16 views, return the bits.
+        viewed = {role: _bfloat16_view(a) for role, a in inputs.items()}
+        result = _run(op, pass_, problem, kind, backend, viewed, _bfloat16_view(bias), _bfloat16_view(out), arg_names)
+        return out if out is not None else result.view(dtype)
     chosen = select_backend(op, backend, kind, problem)
     if out is not None:
         named_inputs = {arg_names[role]: a for role, a in inputs.items()}
@@ -174,9 +219,10 @@ def _check_bias(op: str, bias: Any, channels: int) -> None:
 
 
 def _conv(op: str, ndim: int, input: Any, weight: Any, bias: Any, stride: Any, padding: Any, dilation: Any, groups: Any,
-          channels_last: bool, backend: Any, out: Any, deterministic: Any, allow_tf32: Any) -> Any:
+          channels_last: bool, backend: Any, out: Any, deterministic: Any, allow_tf32: Any,
+          declared: Any = None) -> Any:
     kind = arrays.check_same_library(op, input=input, weight=weight, bias=bias)
-    dtype = check_dtype(op, input=input, weight=weight, bias=bias)
+    dtype = _element_type(op, declared, input=input, weight=weight, bias=bias)
     problem = conv_problem(op, ndim, input.shape, weight.shape, stride, padding, dilation, groups, dtype=dtype,
                            channels_last=channels_last, **_options(deterministic, allow_tf32))
     _check_bias(op, bias, problem.K)
@@ -186,9 +232,9 @@ def _conv(op: str, ndim: int, input: Any, weight: Any, bias: Any, stride: Any, p
 
 def _conv_input(op: str, ndim: int, input_size: Any, weight: Any, grad_output: Any, stride: Any, padding: Any,
                 dilation: Any, groups: Any, channels_last: bool, backend: Any, out: Any, deterministic: Any,
-                allow_tf32: Any) -> Any:
+                allow_tf32: Any, declared: Any = None) -> Any:
     kind = arrays.check_same_library(op, weight=weight, grad_output=grad_output)
-    dtype = check_dtype(op, weight=weight, grad_output=grad_output)
+    dtype = _element_type(op, declared, weight=weight, grad_output=grad_output)
     size = check_input_size(op, "input_size", input_size, ndim)
     problem = conv_problem(op, ndim, size, weight.shape, stride, padding, dilation, groups, dtype=dtype,
                            channels_last=channels_last, y_shape=grad_output.shape, x_arg="input_size",
@@ -199,9 +245,9 @@ def _conv_input(op: str, ndim: int, input_size: Any, weight: Any, grad_output: A
 
 def _conv_weight(op: str, ndim: int, input: Any, weight_size: Any, grad_output: Any, stride: Any, padding: Any,
                  dilation: Any, groups: Any, channels_last: bool, backend: Any, out: Any, deterministic: Any,
-                 allow_tf32: Any) -> Any:
+                 allow_tf32: Any, declared: Any = None) -> Any:
     kind = arrays.check_same_library(op, input=input, grad_output=grad_output)
-    dtype = check_dtype(op, input=input, grad_output=grad_output)
+    dtype = _element_type(op, declared, input=input, grad_output=grad_output)
     size = check_input_size(op, "weight_size", weight_size, ndim)
     problem = conv_problem(op, ndim, input.shape, size, stride, padding, dilation, groups, dtype=dtype,
                            channels_last=channels_last, y_shape=grad_output.shape, w_arg="weight_size",
@@ -212,9 +258,9 @@ def _conv_weight(op: str, ndim: int, input: Any, weight_size: Any, grad_output: 
 
 def _conv_transpose(op: str, ndim: int, input: Any, weight: Any, bias: Any, stride: Any, padding: Any,
                     output_padding: Any, groups: Any, dilation: Any, channels_last: bool, backend: Any, out: Any,
-                    deterministic: Any, allow_tf32: Any) -> Any:
+                    deterministic: Any, allow_tf32: Any, declared: Any = None) -> Any:
     kind = arrays.check_same_library(op, input=input, weight=weight, bias=bias)
-    dtype = check_dtype(op, input=input, weight=weight, bias=bias)
+    dtype = _element_type(op, declared, input=input, weight=weight, bias=bias)
     problem = transposed_problem(op, ndim, input.shape, weight.shape, stride, padding, output_padding, groups,
                                  dilation, dtype=dtype, channels_last=channels_last,
                                  **_options(deterministic, allow_tf32))
@@ -223,7 +269,8 @@ def _conv_transpose(op: str, ndim: int, input: Any, weight: Any, bias: Any, stri
                 {"y": "input", "w": "weight"})
 
 
-def conv_bias_grad(grad_output: Any, *, channels_last: bool = False, backend: str | Backend | None = None) -> Any:
+def conv_bias_grad(grad_output: Any, *, channels_last: bool = False, backend: str | Backend | None = None,
+                   dtype: str | None = None) -> Any:
     """Gradient of the bias: ``grad_output`` summed over the batch and every spatial axis.
 
     Parameters
@@ -231,6 +278,8 @@ def conv_bias_grad(grad_output: Any, *, channels_last: bool = False, backend: st
     grad_output : array, (N, K, *spatial), or (N, *spatial, K) with ``channels_last=True``
     channels_last : bool
     backend : str or Backend, optional
+    dtype : str, optional
+        ``"bfloat16"`` when ``grad_output`` is a uint16/int16 array of bfloat16 bit patterns.
 
     Returns
     -------
@@ -239,11 +288,19 @@ def conv_bias_grad(grad_output: Any, *, channels_last: bool = False, backend: st
     """
     op = "conv_bias_grad"
     kind = arrays.check_same_library(op, grad_output=grad_output)
-    dtype = check_dtype(op, grad_output=grad_output)
+    dtype = _element_type(op, dtype, grad_output=grad_output)
     if len(grad_output.shape) < 2:
         raise ValueError(f"{op}: grad_output must be batched, (N, K, *spatial), got shape {tuple(grad_output.shape)}")
     channel_axis = len(grad_output.shape) - 1 if channels_last else 1
     chosen = select_backend(op, backend, kind, None)
+    if dtype == "bfloat16" and kind == "numpy" and dtype_name(grad_output.dtype) != "bfloat16":
+        return chosen.grad_bias(_bfloat16_view(grad_output), channel_axis, np.float32).view(grad_output.dtype)
+    if dtype == "bfloat16" and kind != "numpy":
+        # Device arrays carry bfloat16 as bits, which no array library sums: widen to float32
+        # (a temporary twice the size of grad_output), sum, round once.
+        xp = arrays.array_module(kind, op)
+        summed = chosen.grad_bias(arrays.bfloat16_to_float32(xp, grad_output), channel_axis, np.float32)
+        return arrays.float32_to_bfloat16_bits(xp, summed).view(grad_output.dtype)
     return chosen.grad_bias(grad_output, channel_axis, _ACCUMULATE[dtype])
 
 
@@ -267,15 +324,19 @@ _OPTIONS_DOC = """
         Where to write the result (checked for shape and dtype; must not overlap an input).
     deterministic, allow_tf32 : bool, optional, keyword-only
         Numerics options; default from ``convgrad.config`` / environment (True, False).
+    dtype : str, optional, keyword-only
+        ``"bfloat16"`` declares uint16/int16 arrays to hold bfloat16 bit patterns (CuPy has no
+        bfloat16 dtype); the result then comes back as bits in the same integer dtype.  By
+        default the arrays' own dtype.
 """
 
 
 def _make_conv(ndim: int) -> Any:
     def conv(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
              groups: int = 1, *, channels_last: bool = False, backend: str | Backend | None = None, out: Any = None,
-             deterministic: bool | None = None, allow_tf32: bool | None = None) -> Any:
+             deterministic: bool | None = None, allow_tf32: bool | None = None, dtype: str | None = None) -> Any:
         return _conv(f"conv{ndim}d", ndim, input, weight, bias, stride, padding, dilation, groups, channels_last,
-                     backend, out, deterministic, allow_tf32)
+                     backend, out, deterministic, allow_tf32, dtype)
 
     x, w, y = _SHAPES[ndim]
     conv.__name__ = conv.__qualname__ = f"conv{ndim}d"
@@ -302,9 +363,9 @@ def _make_conv_input(ndim: int) -> Any:
     def conv_input(input_size: Sequence[int], weight: Any, grad_output: Any, stride: Any = 1, padding: Any = 0,
                    dilation: Any = 1, groups: int = 1, *, channels_last: bool = False,
                    backend: str | Backend | None = None, out: Any = None, deterministic: bool | None = None,
-                   allow_tf32: bool | None = None) -> Any:
+                   allow_tf32: bool | None = None, dtype: str | None = None) -> Any:
         return _conv_input(f"conv{ndim}d_input", ndim, input_size, weight, grad_output, stride, padding, dilation,
-                           groups, channels_last, backend, out, deterministic, allow_tf32)
+                           groups, channels_last, backend, out, deterministic, allow_tf32, dtype)
 
     x, w, y = _SHAPES[ndim]
     conv_input.__name__ = conv_input.__qualname__ = f"conv{ndim}d_input"
@@ -333,9 +394,9 @@ def _make_conv_weight(ndim: int) -> Any:
     def conv_weight(input: Any, weight_size: Sequence[int], grad_output: Any, stride: Any = 1, padding: Any = 0,
                     dilation: Any = 1, groups: int = 1, *, channels_last: bool = False,
                     backend: str | Backend | None = None, out: Any = None, deterministic: bool | None = None,
-                    allow_tf32: bool | None = None) -> Any:
+                    allow_tf32: bool | None = None, dtype: str | None = None) -> Any:
         return _conv_weight(f"conv{ndim}d_weight", ndim, input, weight_size, grad_output, stride, padding, dilation,
-                            groups, channels_last, backend, out, deterministic, allow_tf32)
+                            groups, channels_last, backend, out, deterministic, allow_tf32, dtype)
 
     x, w, y = _SHAPES[ndim]
     conv_weight.__name__ = conv_weight.__qualname__ = f"conv{ndim}d_weight"
@@ -362,9 +423,9 @@ def _make_conv_transpose(ndim: int) -> Any:
     def conv_transpose(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
                        output_padding: Any = 0, groups: int = 1, dilation: Any = 1, *, channels_last: bool = False,
                        backend: str | Backend | None = None, out: Any = None, deterministic: bool | None = None,
-                       allow_tf32: bool | None = None) -> Any:
+                       allow_tf32: bool | None = None, dtype: str | None = None) -> Any:
         return _conv_transpose(f"conv_transpose{ndim}d", ndim, input, weight, bias, stride, padding, output_padding,
-                               groups, dilation, channels_last, backend, out, deterministic, allow_tf32)
+                               groups, dilation, channels_last, backend, out, deterministic, allow_tf32, dtype)
 
     x, _, y = _SHAPES[ndim]
     kernel = _SHAPES[ndim][1].split(", ", 2)[2]

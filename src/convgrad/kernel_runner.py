@@ -23,7 +23,7 @@ parameter, in order:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 Dim3 = tuple[int, int, int]
 
@@ -41,6 +41,18 @@ class KernelRunner(ABC):
         Lazy and cached: a second call with the same names costs a dictionary look-up.
         Safe to call from several threads.
         """
+
+    def compile_many(self, kernels: Iterable[tuple[str, str]]) -> None:
+        """Build every ``(source, name_expression)`` given, e.g. all the launches of one call.
+
+        A runner that can compile several at once overrides this; by default, one
+        :meth:`compile` per source.
+        """
+        by_source: dict[str, list[str]] = {}
+        for source, name in kernels:
+            by_source.setdefault(source, []).append(name)
+        for source, names in by_source.items():
+            self.compile(source, list(dict.fromkeys(names)))
 
     @abstractmethod
     def launch(

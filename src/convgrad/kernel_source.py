@@ -106,11 +106,76 @@ def cuda_include_dirs(major: int | None = None) -> list[pathlib.Path]:
 
 
 def compile_options(nvrtc_major: int | None = None, *, include_cuda: bool = True) -> tuple[str, ...]:
-    """The options every runner compiles the kernels with: C++17 and the include paths."""
+    """The options every runner compiles the kernels with: C++17 and the include paths.
+
+    This is what ``CupyRunner`` gives ``cupy.RawModule``; NVRTC receives more, see :func:`nvrtc_options`.
+    """
     options = [CXX_STANDARD, f"-I{kernel_dir()}"]
     if include_cuda:
         options += [f"-I{d}" for d in cuda_include_dirs(nvrtc_major)]
     return tuple(options)
+
+
+#: The one option CuPy adds that changes arithmetic: float32 subnormal inputs and results of
+#: every instruction flush to zero.  The ``cupy-host`` emulator keeps subnormals (README).
+CUPY_FLUSH_TO_ZERO = "-ftz=true"
+
+
+def nvrtc_options(arch: str, nvrtc_major: int | None = None) -> tuple[str, ...]:
+    """Every option NVRTC receives when the ``cupy`` backend compiles ``kernels/`` for ``arch`` ("sm_90").
+
+    ``cupy.RawModule(options=compile_options(...))`` does not pass its options through as they
+    are.  CuPy 14 (``assemble_cupy_compiler_options`` in ``cupy/_core/core.pyx``) puts its
+    bundled CCCL include directories first, adds ``--std=c++17`` unless a standard is given,
+    then its own include directory and the CUDA runtime headers' directory; then
+    (``_compile_with_cache_cuda`` and ``_compile_using_nvrtc_no_warning`` in
+    ``cupy/cuda/compiler.py``) ``-ftz=true``, the debug options when
+    ``CUPY_CUDA_COMPILE_WITH_DEBUG`` is set, ``-arch=sm_XX`` for the device, and
+    ``--device-as-default-execution-space``, and ``--pch`` when ``CUPY_NVRTC_USE_PCH`` is set
+    (NVRTC 12.8 or newer).  The compile check compiles with exactly this list, so what it
+    reports is what the runner builds.  CuPy's include directories are used when CuPy is
+    importable (it imports without a GPU); without CuPy they are left out, as nothing could
+    be found there.
+    """
+    ours = compile_options(nvrtc_major)
+    before, after = _cupy_include_options()
+    options = [*before, *ours]
+    if not any("-std=" in option for option in ours):
+        options.append("--std=c++17")
+    options += [*after, CUPY_FLUSH_TO_ZERO]
+    if _env_flag("CUPY_CUDA_COMPILE_WITH_DEBUG"):
+        options += ["--device-debug", "--generate-line-info"]
+    options += [f"-arch={arch}", "--device-as-default-execution-space"]
+    if _env_flag("CUPY_NVRTC_USE_PCH") and (nvrtc_major is None or nvrtc_major >= 13):
+        options.append("--pch")
+    return tuple(options)
+
+
+def _env_flag(name: str) -> bool:
+    """CuPy's reading of a boolean environment variable: set and not "0"."""
+    return os.environ.get(name, "0") != "0"
+
+
+def _cupy_include_options() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """CuPy's include options before ours (its CCCL) and after ours (its headers, then the CUDA runtime's)."""
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    try:
+        from cupy._core import core  # type: ignore[import-not-found]
+
+        before = tuple(core._get_cccl_include_options())
+        after = (f"-I{core._get_header_dir_path()}",)
+    except Exception:  # no CuPy, or one that lays out its headers differently: nothing of it to include
+        pass
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory  # what CuPy 14 uses to find them
+
+        cudart = find_nvidia_header_directory("cudart")
+    except Exception:  # cuda-pathfinder missing or unable to look
+        cudart = None
+    if cudart:
+        after += (f"-I{cudart}",)
+    return before, after
 
 
 @dataclass(frozen=True)

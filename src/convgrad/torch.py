@@ -25,8 +25,9 @@ with respect to one argument is the pass that moves the upstream gradient to its
 
 Data never leaves PyTorch's memory: CPU tensors reach the ``numpy`` backend as NumPy views
 (bfloat16 through ``ml_dtypes``), CUDA tensors reach ``cupy`` (else ``numba``) through
-DLPack / ``__cuda_array_interface__`` on PyTorch's current stream, with CuPy's temporary
-allocations routed through PyTorch's caching allocator.  Results are written into tensors
+DLPack / ``__cuda_array_interface__`` on PyTorch's current stream (bfloat16 as its int16
+bits, with ``dtype="bfloat16"`` beside them), with temporary allocations routed through
+PyTorch's caching allocator.  Results are written into tensors
 that PyTorch allocates.  Tensors in ``torch.channels_last`` (``channels_last_3d``) memory
 format run channels-last, with no ``.contiguous()``, and give channels-last results.
 
@@ -149,18 +150,12 @@ class _Arrays:
         if self.library == "cupy":
             import cupy
 
-            try:
-                return cupy.from_dlpack(t)
-            except (TypeError, ValueError, RuntimeError, BufferError):
-                if t.dtype != torch.bfloat16:
-                    raise
-            # A CuPy that cannot import bfloat16 through DLPack: take the bits, then name the dtype.
-            import ml_dtypes
-
-            try:
-                return cupy.from_dlpack(t.view(torch.int16)).view(ml_dtypes.bfloat16)
-            except (TypeError, ValueError) as error:
-                raise TypeError("convgrad.torch: bfloat16 CUDA tensors need a CuPy with a bfloat16 dtype") from error
+            if t.dtype == torch.bfloat16:
+                # No CuPy can be relied on for bfloat16 (none has cupy.bfloat16; from_dlpack takes
+                # it only with ml_dtypes and a recent NumPy): hand over the same memory as int16
+                # bits, and the call declares dtype="bfloat16" (see _numerics).
+                return cupy.from_dlpack(t.view(torch.int16))
+            return cupy.from_dlpack(t)
         from numba import cuda
 
         return cuda.as_cuda_array(t, sync=False).bind(self.stream)
@@ -203,15 +198,38 @@ def _arrays_for(device: torch.device) -> Iterator[_Arrays]:
         return
     from numba import cuda
 
-    with cuda.gpus[index]:
-        yield _Arrays("numba", cuda.external_stream(stream.cuda_stream))
+    from convgrad.backends import numba_backend
+
+    numba_stream = cuda.external_stream(stream.cuda_stream)
+    with cuda.gpus[index], numba_backend.using_allocator(functools.partial(_numba_allocate, index)):
+        yield _Arrays("numba", numba_stream)
+
+
+def _numba_allocate(device_index: int, shape: tuple[int, ...], dtype: np.dtype, stream: Any) -> Any:
+    """Scratch memory for the numba backend from PyTorch's caching allocator, bound to ``stream``.
+
+    The allocator orders the memory on PyTorch's current stream (the call's) and is legal under
+    CUDA-graph capture, where Numba's own cuMemAlloc is not.  The tensor owns the memory.
+    """
+    from numba import cuda
+
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=torch.device("cuda", device_index))
+    interface = {"shape": tuple(shape), "strides": None, "typestr": dtype.str, "data": (buffer.data_ptr(), False),
+                 "version": 3}
+    return cuda.from_cuda_array_interface(interface, owner=buffer, sync=False).bind(stream)
 
 
 def _numerics(t: Tensor) -> dict[str, Any]:
-    """PyTorch's flags as convgrad options (None leaves convgrad's own setting)."""
+    """PyTorch's flags as convgrad options (None leaves convgrad's own setting), and the element type."""
     deterministic = True if torch.are_deterministic_algorithms_enabled() else None
     allow_tf32 = bool(torch.backends.cudnn.allow_tf32) if t.is_cuda and t.dtype == torch.float32 else None
-    return {"deterministic": deterministic, "allow_tf32": allow_tf32}
+    return {"deterministic": deterministic, "allow_tf32": allow_tf32, **_declared_dtype(t)}
+
+
+def _declared_dtype(t: Tensor) -> dict[str, Any]:
+    """``dtype="bfloat16"`` for bfloat16 tensors, whose CUDA arrays carry the bits (see ``_Arrays``)."""
+    return {"dtype": "bfloat16"} if t.dtype == torch.bfloat16 else {}
 
 
 def _pairs(before: Sequence[int], after: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -345,7 +363,7 @@ def _conv_bias_grad_op(grad_output: Tensor, backend: Optional[str]) -> Tensor:
     out = torch.empty(grad_output.shape[1], dtype=grad_output.dtype, device=grad_output.device)
     with _arrays_for(grad_output.device) as array:
         # Channel axis 1 of the logical view, whatever the strides: no layout flag needed.
-        array.copy(out, functional.conv_bias_grad(array(grad_output), backend=backend))
+        array.copy(out, functional.conv_bias_grad(array(grad_output), backend=backend, **_declared_dtype(grad_output)))
     return out
 
 

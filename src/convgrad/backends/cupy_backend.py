@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import threading
 from abc import abstractmethod
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -95,12 +95,26 @@ class _KernelBackend(Backend):
     def _zeros(self, elements: int, dtype: str, like: Any) -> Any:
         """A zeroed flat workspace on ``like``'s device."""
 
+    def compile_plans(self, plans: Iterable[Plan]) -> None:
+        """Build every kernel the plans launch, together, before the first launch.
+
+        The ``cupy`` runner compiles them concurrently, one NVRTC program each; the host
+        runner builds each launch's ``batch`` (the other passes of its dtype and tile too) as
+        one library, since its compiler runs are costly.
+        """
+        runner = self.runner
+        launches = [launch for plan in plans for launch in plan.launches]
+        if self.compile_batches:
+            for launch in launches:
+                runner.compile(launch.source, launch.batch or (launch.kernel,))
+        else:
+            runner.compile_many((launch.source, launch.kernel) for launch in launches)
+
     def _execute(self, plan: Plan, tensors: dict[str, Any], outputs: Sequence[str]) -> None:
         """Run the launches of ``plan`` on ``tensors``; ``outputs`` are the roles written."""
         runner = self.runner
+        self.compile_plans([plan])
         for launch in plan.launches:
-            if self.compile_batches and launch.batch:
-                runner.compile(launch.source, launch.batch)
             params = launch.params
             if launch.vector_operand and _address(tensors[launch.vector_operand]) % launch.vector_alignment == 0:
                 params = np.array(params)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..kernel_catalog import compile_cost
 from ..kernel_runner import KernelRunner
 from ..kernel_source import compile_options, kernel_dir, read_source, source_files
 
@@ -26,20 +29,40 @@ def _kernels_fingerprint() -> str:
 _DEFAULT_SHARED_LIMIT = 48 * 1024
 
 
+def compile_workers() -> int:
+    """How many NVRTC programs to compile at once: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # platforms without affinity masks
+        return max(1, os.cpu_count() or 1)
+
+
 class CupyRunner(KernelRunner):
     """Compiles named instantiations with ``cupy.RawModule`` and launches them on CuPy's current stream.
 
-    One module per (source, name expression), compiled on first use and kept per device
-    (CuPy's disk cache keeps the binaries across processes).  Thread-safe.
+    Each instantiation is its own NVRTC program, so CuPy's disk cache holds one entry per
+    instantiation whichever call, or :func:`convgrad.precompile`, built it first.  The
+    instantiations one call needs are compiled together, concurrently on up to ``workers``
+    threads (NVRTC releases the GIL); each is built once per device, and a thread that needs
+    one being built by another waits for it.  Thread-safe.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Concurrent compilations; default :func:`compile_workers`.
     """
 
     kind = "cupy"
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._modules: dict[tuple[str, str], Any] = {}
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or compile_workers()
+        # Reentrant: a build that finishes at once runs its done-callback in the submitting thread.
+        self._lock = threading.RLock()
         self._functions: dict[tuple[int, str, str], Any] = {}
+        self._building: dict[tuple[int, str, str], concurrent.futures.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._options: tuple[str, ...] | None = None
+        self._code: dict[str, str] = {}
 
     def _compile_options(self) -> tuple[str, ...]:
         if self._options is None:
@@ -53,28 +76,70 @@ class CupyRunner(KernelRunner):
             self._options = compile_options(major)
         return self._options
 
+    def _source_code(self, source: str) -> str:
+        code = self._code.get(source)
+        if code is None:
+            code = f"// convgrad kernels {_kernels_fingerprint()}\n" + read_source(source)
+            self._code[source] = code
+        return code
+
+    def _build(self, key: tuple[int, str, str]) -> Any:
+        """Compile (or load from CuPy's disk cache) one instantiation and load it on its device."""
+        import cupy
+
+        device, source, name = key
+        with cupy.cuda.Device(device):
+            module = cupy.RawModule(code=self._source_code(source), options=self._compile_options(),
+                                    name_expressions=[name])
+            function = module.get_function(name)
+        with self._lock:
+            self._functions[key] = function
+        return function
+
+    def compile_many(self, kernels: Iterable[tuple[str, str]]) -> None:
+        """Build every ``(source, name_expression)`` not built yet on the current device, concurrently."""
+        import cupy
+
+        device = cupy.cuda.Device().id
+        keys = [k for k in dict.fromkeys((device, s, n) for s, n in kernels) if k not in self._functions]
+        if not keys:
+            return
+        keys.sort(key=lambda key: -compile_cost(key[2]))  # the longest first, so the rest fill in around it
+        waiting = []
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="convgrad-nvrtc")
+            for key in keys:
+                if key in self._functions:
+                    continue
+                future = self._building.get(key)
+                if future is None:
+                    future = self._pool.submit(self._build, key)
+                    self._building[key] = future
+                    future.add_done_callback(lambda done, key=key: self._forget(key, done))
+                waiting.append(future)
+        errors = [f.exception() for f in concurrent.futures.wait(waiting).done if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    def _forget(self, key: tuple[int, str, str], future: concurrent.futures.Future) -> None:
+        """Drop a finished build (a failed one is tried again by the next call that needs it)."""
+        with self._lock:
+            if self._building.get(key) is future:
+                del self._building[key]
+
+    def compile(self, source: str, name_expressions: Sequence[str]) -> None:
+        self.compile_many((source, name) for name in name_expressions)
+
     def _function(self, source: str, name: str) -> Any:
         import cupy
 
         key = (cupy.cuda.Device().id, source, name)
         function = self._functions.get(key)
-        if function is not None:
-            return function
-        with self._lock:
-            function = self._functions.get(key)
-            if function is None:
-                module = self._modules.get((source, name))
-                if module is None:
-                    code = f"// convgrad kernels {_kernels_fingerprint()}\n" + read_source(source)
-                    module = cupy.RawModule(code=code, options=self._compile_options(), name_expressions=[name])
-                    self._modules[(source, name)] = module
-                function = module.get_function(name)
-                self._functions[key] = function
+        if function is None:
+            self.compile_many([(source, name)])
+            function = self._functions[key]
         return function
-
-    def compile(self, source: str, name_expressions: Sequence[str]) -> None:
-        for name in name_expressions:
-            self._function(source, name)
 
     def launch(self, source: str, name_expression: str, grid: tuple[int, int, int], block: tuple[int, int, int],
                shared_mem: int, args: Sequence[Any]) -> None:

@@ -6,23 +6,31 @@ reduction across blocks into a workspace that a second kernel sums in a fixed or
 kernels themselves are in :mod:`convgrad.backends.numba_kernels`; this module plans
 (tile, grid, split count), turns arrays into what the kernels take, and launches.
 
-Arrays: Numba device arrays run on Numba's default stream; CuPy arrays are wrapped without a
-copy (``cuda.as_cuda_array``) and the kernels go on CuPy's current stream, on the device
-that holds them.  NumPy arrays are copied to the device and back when the backend is named.
+Arrays and streams: every launch, copy and allocation goes to the caller's stream.  For
+Numba device arrays that is the stream the output array is bound to (``array.bind(stream)``;
+0, Numba's default stream, when unbound); CuPy arrays are wrapped without a copy
+(``cuda.as_cuda_array``) and run on CuPy's current stream, on the device that holds them.
+Scratch memory (split-K workspaces, the bias gradient) comes from :func:`using_allocator`'s
+allocator when one is set (``convgrad.torch`` sets PyTorch's, which is stream-ordered and
+legal under CUDA-graph capture), else from Numba, bound to the call's stream.  NumPy arrays
+are copied to the device and back when the backend is named.
 
 Kernels compile on first launch, one signature per (kernel, tile, dtype), and stay cached
-in the backend.  Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernels
-run on the CPU, one OS thread per CUDA thread; the backend is then ``emulated``.
+in the backend and on disk (``cache=True``: Numba's cache directory, beside the module or
+``NUMBA_CACHE_DIR``); :func:`convgrad.precompile` builds them ahead of time.  Under Numba's
+CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernels run on the CPU, one OS thread
+per CUDA thread; the backend is then ``emulated``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import sys
 import threading
 import warnings
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -42,6 +50,32 @@ def _cuda() -> Any:
     from numba import cuda
 
     return cuda
+
+
+#: ``allocate(shape, dtype, stream) -> Numba device array`` for scratch memory, or None for Numba's own.
+_ALLOCATOR: contextvars.ContextVar[Callable[[tuple[int, ...], Any, Any], Any] | None] = contextvars.ContextVar(
+    "convgrad_numba_allocator", default=None)
+
+
+@contextlib.contextmanager
+def using_allocator(allocate: Callable[[tuple[int, ...], Any, Any], Any] | None) -> Iterator[None]:
+    """Take the backend's scratch memory from ``allocate(shape, dtype, stream)`` inside the block.
+
+    The array it returns must be bound to ``stream`` and stay valid while it is referenced.
+    """
+    token = _ALLOCATOR.set(allocate)
+    try:
+        yield
+    finally:
+        _ALLOCATOR.reset(token)
+
+
+def device_array(shape: tuple[int, ...], dtype: Any, stream: Any) -> Any:
+    """Uninitialised device memory for scratch use, bound to ``stream`` (0: the default stream)."""
+    allocate = _ALLOCATOR.get()
+    if allocate is not None:
+        return allocate(tuple(shape), np.dtype(dtype), stream)
+    return _cuda().device_array(shape, dtype, stream=stream)
 
 
 def simulator_enabled() -> bool:
@@ -118,7 +152,7 @@ class NumbaBackend(Backend):
         kind = arrays.array_kind(out)
         problem = _with_strides(problem, x, w, out)
         with self._device_of(kind, out):
-            stream = self._stream(kind)
+            stream = self._stream(kind, out)
             (xf, xo), (wf, wo), (yf, yo) = (self._flat(a, kind) for a in (x, w, out))
             geometry = _geometry(problem, xo, wo, yo)
             if bias is not None:
@@ -142,7 +176,7 @@ class NumbaBackend(Backend):
         kind = arrays.array_kind(out)
         problem = _with_strides(problem, out, w, dy)
         with self._device_of(kind, out):
-            stream = self._stream(kind)
+            stream = self._stream(kind, out)
             (yf, yo), (wf, wo), (xf, xo) = (self._flat(a, kind) for a in (dy, w, out))
             geometry = _geometry(problem, xo, wo, yo)
             if problem.is_depthwise:
@@ -162,7 +196,7 @@ class NumbaBackend(Backend):
         kind = arrays.array_kind(out)
         problem = _with_strides(problem, x, out, dy)
         with self._device_of(kind, out):
-            stream = self._stream(kind)
+            stream = self._stream(kind, out)
             (xf, xo), (yf, yo), (wf, wo) = (self._flat(a, kind) for a in (x, dy, out))
             geometry = _geometry(problem, xo, wo, yo)
             npq = problem.N * math.prod(problem.output_size)
@@ -206,19 +240,22 @@ class NumbaBackend(Backend):
             of, oo = self._flat(out, kind)
             bf, bo = self._flat(bias, kind)
             layout = (*map(int, out.shape), *arrays.element_strides(out), oo)
-            self._launch("add_bias", None, _dtype(out), *self._elementwise(math.prod(out.shape)), None,
-                         of, bf, layout, int(bias.strides[0] // bias.dtype.itemsize), bo)
+            self._launch("add_bias", None, _dtype(out), *self._elementwise(math.prod(out.shape)),
+                         self._stream(kind, out), of, bf, layout, int(bias.strides[0] // bias.dtype.itemsize), bo)
 
     def grad_bias(self, dy: Any, channel_axis: int, accumulate: Any) -> Any:
-        """``dy`` summed over every axis but ``channel_axis``; a kernel for Numba arrays."""
+        """``dy`` summed over every axis but ``channel_axis``; a kernel for Numba arrays, on ``dy``'s stream."""
         if arrays.array_kind(dy) != "numba" or len(dy.shape) > 5:
             if arrays.array_kind(dy) == "numba":
-                return self.to_device(super().grad_bias(dy.copy_to_host(), channel_axis, accumulate))
+                host = super().grad_bias(dy.copy_to_host(), channel_axis, accumulate)
+                result = device_array(host.shape, host.dtype, dy.stream)
+                result.copy_to_device(host)
+                return result
             return super().grad_bias(dy, channel_axis, accumulate)
         kernels = _kernels()
-        cuda = _cuda()
         K = int(dy.shape[channel_axis])
-        db = cuda.device_array(K, dy.dtype)
+        stream = self._stream("numba", dy)
+        db = device_array((K,), dy.dtype, dy.stream)
         if K == 0:
             return db
         strides = arrays.element_strides(dy)
@@ -229,8 +266,8 @@ class NumbaBackend(Backend):
             flat, offset = self._flat(dy, "numba")
             layout = (K, *(n for n, _ in others), strides[channel_axis], *(s for _, s in others), offset)
             threads = kernels.next_power_of_two(count, 16, kernels.REDUCTION_THREADS)
-            self._launch("grad_bias", None, _dtype(dy), min(K, self._sm_count() * 32), threads, None, flat, db, layout,
-                         shared=kernels.grad_bias_shared_bytes(threads, _dtype(dy)))
+            self._launch("grad_bias", None, _dtype(dy), min(K, self._sm_count() * 32), threads, stream, flat, db,
+                         layout, shared=kernels.grad_bias_shared_bytes(threads, _dtype(dy)))
         return db
 
     # Staging of NumPy arrays (backend named explicitly).
@@ -340,7 +377,7 @@ class NumbaBackend(Backend):
 
     @staticmethod
     def _workspace(kind: str, size: int, dtype: str, like: Any) -> Any:
-        """Split-K partial sums in the accumulator type, on ``like``'s device."""
+        """Split-K partial sums in the accumulator type, on ``like``'s device and the call's stream."""
         acc = np.float64 if dtype == "float64" else np.float32
         if kind == "cupy":
             import cupy
@@ -348,13 +385,17 @@ class NumbaBackend(Backend):
             # CuPy's pool orders the allocation on its current stream, where the kernels run.
             with like.device:
                 return _cuda().as_cuda_array(cupy.empty(size, acc), sync=False)
-        return _cuda().device_array(size, acc)
+        return device_array((size,), acc, like.stream)
 
     @staticmethod
-    def _stream(kind: str) -> Any:
-        """CuPy's current stream for CuPy arrays; None (Numba's default stream) otherwise."""
+    def _stream(kind: str, array: Any) -> Any:
+        """The caller's stream: CuPy's current one for CuPy arrays, the one ``array`` is bound to for Numba arrays.
+
+        None stands for Numba's default stream (an unbound array's, and CuPy's null stream).
+        """
         if kind != "cupy":
-            return None
+            stream = getattr(array, "stream", 0)
+            return None if not stream else stream
         import cupy
 
         cuda = _cuda()
@@ -374,13 +415,23 @@ class NumbaBackend(Backend):
         return scope
 
     def _kernel(self, kernel: str, tile: str | None, dtype: str) -> Any:
+        """The compiled kernel, built on first use; ``cache=True`` keeps the build on disk for the next process."""
         spec = _kernels().KernelSpec(kernel, tile, dtype)
         with self._lock:
             compiled = self._compiled.get(spec)
             if compiled is None:
-                compiled = _cuda().jit(spec.signature)(spec.python_function())
+                compiled = _cuda().jit(spec.signature, cache=True)(spec.python_function())
                 self._compiled[spec] = compiled
         return compiled
+
+    def precompile(self, dtypes: Iterable[str]) -> list[str]:
+        """Build every kernel the backend can launch for ``dtypes`` (each is then on disk too); their labels."""
+        built = []
+        for spec in _kernels().launchable_kernels():
+            if spec.dtype in dtypes and spec.dtype in _SUPPORTED:
+                self._kernel(spec.kernel, spec.tile, spec.dtype)
+                built.append(spec.label)
+        return built
 
     def _launch(self, kernel: str, tile: str | None, dtype: str, grid: Any, block: int, stream: Any, *args: Any,
                 shared: int = 0) -> None:

@@ -48,6 +48,8 @@ def to_kind(array: np.ndarray, kind: str) -> Any:
     if kind == "cupy":
         import cupy
 
+        if array.dtype == numpy_dtype("bfloat16"):
+            return cupy.asarray(array.view(np.uint16))  # bfloat16 as its bits; calls pass dtype="bfloat16"
         return cupy.asarray(array)
     if kind == "numba":
         from numba import cuda
@@ -56,12 +58,17 @@ def to_kind(array: np.ndarray, kind: str) -> Any:
     raise TypeError(f"cannot make {kind} arrays")
 
 
-def to_host(array: Any) -> np.ndarray:
+def to_host(array: Any, dtype: str | None = None) -> np.ndarray:
+    """A host copy of a result; bfloat16 results given as bits come back as ``ml_dtypes.bfloat16``."""
     if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "copy_to_host"):
-        return array.copy_to_host()
-    return array.get()
+        host = array
+    elif hasattr(array, "copy_to_host"):
+        host = array.copy_to_host()
+    else:
+        host = array.get()
+    if dtype == "bfloat16" and host.dtype in (np.uint16, np.int16):
+        host = host.view(numpy_dtype("bfloat16"))
+    return host
 
 
 def to_torch(array: np.ndarray, channels_last: bool, device: str) -> Any:

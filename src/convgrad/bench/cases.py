@@ -45,7 +45,7 @@ def convgrad_call(case: Case, pass_: str, backend: str, arrays: dict[str, Any]) 
 
     layer, n = case.layer, case.layer.ndim
     common = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                  channels_last=case.channels_last, backend=backend, allow_tf32=case.allow_tf32)
+                  channels_last=case.channels_last, backend=backend, allow_tf32=case.allow_tf32, dtype=case.dtype)
     x, w, dy = arrays["x"], arrays["w"], arrays["dy"]
     if pass_ == "fprop":
         conv = getattr(convgrad, f"conv{n}d")

@@ -22,15 +22,19 @@ def torch_result_logical(result: Any) -> Any:
     return result.detach().to("cpu", torch.float64).numpy()
 
 
-def compare_on_gpu(result: Any, expected: Any, channels_last: bool, rtol: float, atol: float) -> tuple[bool, float, float]:
+def compare_on_gpu(result: Any, expected: Any, channels_last: bool, rtol: float, atol: float,
+                   dtype: str | None = None) -> tuple[bool, float, float]:
     """:func:`compare` on the GPU: ``result`` is any CUDA array (CUDA array interface), ``expected`` a tensor.
 
     Copying ResNet-50-sized results to the host and comparing them there would take longer
-    than timing them.
+    than timing them.  A bfloat16 result given as bits (``dtype="bfloat16"``) is viewed as bfloat16.
     """
     import torch
 
-    actual = torch.as_tensor(result, device=expected.device).to(torch.float64)
+    actual = torch.as_tensor(result, device=expected.device)
+    if dtype == "bfloat16" and actual.dtype in (torch.int16, torch.uint16):
+        actual = actual.view(torch.bfloat16)
+    actual = actual.to(torch.float64)
     if channels_last:
         actual = actual.movedim(-1, 1)
     diff = (actual - expected).abs()
@@ -72,7 +76,7 @@ def naive_check(case: Case, pass_: str, backend: str, kind: str) -> tuple[bool, 
     one = Case(case.suite, case.layer, 1, case.dtype, case.channels_last, case.allow_tf32,
                case.x[:1], case.w, case.dy[:1])
     arrays = {name: to_kind(np.ascontiguousarray(getattr(one, name)), kind) for name in ("x", "w", "dy")}
-    actual = to_logical(to_host(convgrad_call(one, pass_, backend, arrays)()), case.channels_last)
+    actual = to_logical(to_host(convgrad_call(one, pass_, backend, arrays)(), one.dtype), case.channels_last)
     problem = one.problem
     five = lambda a: a.astype(np.float64).reshape(a.shape[0], a.shape[1], *([1] * (3 - case.layer.ndim)), *a.shape[2:])
     x, w, dy = (five(to_logical(getattr(one, name), case.channels_last)) for name in ("x", "w", "dy"))
@@ -101,8 +105,8 @@ def check_result(case: Case, pass_: str, backend: str, device: str, result: Any,
         verdict = "ok (vs float64 reference, first image)" if ok else "MISMATCH (vs float64 reference)"
         return verdict, ok, max_abs, over
     if isinstance(reference, np.ndarray):
-        actual = to_logical(to_host(result), case.channels_last)
+        actual = to_logical(to_host(result, case.dtype), case.channels_last)
         ok, max_abs, over = compare(actual, reference, rtol, atol, both_rounded=True)
     else:
-        ok, max_abs, over = compare_on_gpu(result, reference, case.channels_last, rtol, atol)
+        ok, max_abs, over = compare_on_gpu(result, reference, case.channels_last, rtol, atol, case.dtype)
     return ("ok (vs torch)" if ok else "MISMATCH (vs torch)"), ok, max_abs, over

@@ -137,8 +137,9 @@ class Bench:
             "timing": {
                 "cpu": "median of time.perf_counter around each call, after warm-up; a pause of CPU_SETTLE_S "
                        "seconds before timing a different library lets the other's worker threads go idle",
-                "gpu": "time_s: median CUDA-event time with the L2 flushed and the GPU held by a spin kernel while the "
-                       "host issues the call; wall_s: median host time of call + synchronize; launch_overhead_s = "
+                "gpu": "time_s: median CUDA-event time with the L2 flushed by reading a buffer of l2_flush_bytes "
+                       "and the GPU held by a spin kernel while the host issues the call, the same for every "
+                       "library; wall_s: median host time of call + synchronize; launch_overhead_s = "
                        "wall_s - time_s",
             },
         }

@@ -61,6 +61,8 @@
 // * No floating-point contraction (-ffp-contract=off): a*b+c rounds twice unless the kernel
 //   calls fmaf.  NVRTC contracts by default, so host and GPU differ in the last bits there;
 //   both are deterministic.  The fast intrinsics (__expf, ...) are exact here.
+// * Subnormal floats are kept.  CuPy compiles with -ftz=true, so on the GPU float32 subnormal
+//   inputs and results of arithmetic flush to zero (kernel_source.nvrtc_options lists why).
 // * __half/__nv_bfloat16 follow cuda_fp16.h/cuda_bf16.h (see cuda_host_fp16.h).
 // * Each fiber has its own stack (64 KiB by default, 256 KiB under the sanitizer; guarded by
 //   an unmapped page).  Large local arrays need a larger stack_kib in HostRunner.
