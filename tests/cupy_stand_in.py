@@ -112,6 +112,13 @@ def _numeric(dtype: Any) -> np.dtype:
     return dtype
 
 
+_DEVICE_ATTRIBUTES = {
+    "ComputeCapabilityMajor": 9, "ComputeCapabilityMinor": 0, "MultiProcessorCount": 132,
+    "MaxSharedMemoryPerMultiprocessor": 233472, "MaxSharedMemoryPerBlockOptin": 232448,
+    "MaxThreadsPerMultiProcessor": 2048, "MaxRegistersPerMultiprocessor": 65536,
+}
+
+
 def _build_module(state: StandIn) -> types.ModuleType:
     cupy = types.ModuleType("cupy")
     cuda = types.ModuleType("cupy.cuda")
@@ -134,6 +141,11 @@ def _build_module(state: StandIn) -> types.ModuleType:
 
         def synchronize(self) -> None:
             state.record("sync", "Device.synchronize")
+
+        @property
+        def attributes(self) -> dict[str, int]:
+            # An H100-class device: what the planners read (SM count, capability, limits).
+            return dict(_DEVICE_ATTRIBUTES)
 
     class MemoryPointer:
         def __init__(self, mem: Any, offset: int) -> None:
@@ -355,7 +367,11 @@ def _build_module(state: StandIn) -> types.ModuleType:
     cuda.Stream, cuda.Device, cuda.MemoryPointer, cuda.UnownedMemory = Stream, Device, MemoryPointer, UnownedMemory
     cuda.get_current_stream, cuda.ExternalStream, cuda.using_allocator = get_current_stream, ExternalStream, using_allocator
     cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
+    def getDeviceProperties(device: int) -> dict[str, Any]:
+        return {"name": b"stand-in H100"}
+
     runtime.getDeviceCount, runtime.deviceSynchronize = getDeviceCount, deviceSynchronize
+    runtime.getDeviceProperties = getDeviceProperties
     nvrtc.getVersion = lambda: (13, 0)
     cupy.ndarray, cupy.empty, cupy.zeros, cupy.asarray, cupy.asnumpy = ndarray, empty, zeros, asarray, asnumpy
     cupy.shares_memory, cupy.from_dlpack, cupy.matmul, cupy.RawModule = shares_memory, from_dlpack, matmul, RawModule

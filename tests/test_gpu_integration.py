@@ -304,13 +304,14 @@ def test_torch_bfloat16_reaches_the_kernels_as_bits_without_a_copy(stand_in, tor
     forward = [e for e in stand_in.events if e.kind != "compile"]
     assert [e.kind for e in forward] == ["alloc", "launch"]  # the unused workspace pointer, then the kernel
     launch = forward[-1]
-    assert launch.name.startswith("convgrad::fprop_gemm<__nv_bfloat16")
+    assert launch.name.startswith("convgrad::tc_fprop<__nv_bfloat16")
     assert {x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr()} <= set(launch.detail["pointers"])
     assert set(launch.detail["dtypes"]) == {"int16"}  # every tensor as its bits
     g = torch.randn(y.shape, generator=gen).bfloat16()
     y.backward(g)
     kernels = {e.name.split(",")[0] for e in stand_in.events if e.kind == "launch"}
-    assert {"convgrad::dgrad_gemm<__nv_bfloat16", "convgrad::wgrad_gemm<__nv_bfloat16"} <= kernels
+    # bfloat16 on an sm_90 device runs on the tensor cores (the SIMT kernels on older ones).
+    assert {"convgrad::tc_dgrad<__nv_bfloat16", "convgrad::tc_wgrad<__nv_bfloat16"} <= kernels
     # The bias gradient runs on the host here (the stand-in computes): float32 sums, rounded once.
     import ml_dtypes
 
@@ -328,7 +329,7 @@ def test_cupy_users_pass_bfloat16_as_uint16_bits_with_dtype(stand_in):
     y = convgrad.conv2d(x, w, padding=1, backend="cupy", dtype="bfloat16")
     assert y.dtype == np.uint16 and y.shape == (2, 8, 9, 9)
     launch = next(e for e in stand_in.events if e.kind == "launch")
-    assert launch.name.startswith("convgrad::fprop_gemm<__nv_bfloat16")
+    assert launch.name.startswith("convgrad::tc_fprop<__nv_bfloat16")
     assert {x.data.ptr, w.data.ptr, y.data.ptr} <= set(launch.detail["pointers"])
     dw = convgrad.conv2d_weight(x, w.shape, y, padding=1, backend="cupy", dtype="bfloat16")
     assert dw.dtype == np.uint16
