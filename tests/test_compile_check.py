@@ -8,6 +8,7 @@ registers, shared memory and spills; a spill in a kernel that must not spill is 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -47,7 +48,8 @@ def test_report_has_resources(rows: list[dict]) -> None:
 @needs_nvrtc
 def test_run_compile_check_prints_table_and_succeeds(capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch, rows: list[dict]) -> None:
-    monkeypatch.setattr(compile_check, "compile_check", lambda archs: [r for r in rows if r["arch"] in archs])
+    monkeypatch.setattr(compile_check, "compile_check",
+                        lambda archs, sass=False: [r for r in rows if r["arch"] in archs])
     parser = argparse.ArgumentParser()
     compile_check.add_compile_arguments(parser)
     status = compile_check.run_compile_check(parser.parse_args(["--compile-only", "--arch", "sm_80,sm_90"]))
@@ -60,7 +62,7 @@ def test_run_compile_check_fails_on_an_error_row(capsys: pytest.CaptureFixture[s
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     bad = {"kernel": "convgrad::k<float>", "source": "k.cu", "arch": "sm_80", "registers": 40, "shared_bytes": 0,
            "spill_bytes": 64, "ok": False, "error": "64 bytes of register spills in a kernel that must not spill"}
-    monkeypatch.setattr(compile_check, "compile_check", lambda archs: [bad])
+    monkeypatch.setattr(compile_check, "compile_check", lambda archs, sass=False: [bad])
     status = compile_check.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80"))
     assert status == 1
     assert "must not spill" in capsys.readouterr().out
@@ -117,3 +119,32 @@ def test_every_kernel_source_documents_itself() -> None:
         header = (root / name).read_text().split("#include")[0].lower()
         for word in ("formula", "layout", "launch geometry", "limits"):
             assert word in header, f"{name}: its header comment does not describe the {word}"
+
+
+def test_sass_table_and_json_are_written(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path) -> None:
+    from convgrad.sass_report import SassRow
+
+    sass = SassRow(kernel="convgrad::k<float>", arch="sm_80", gemm=True, registers=128, stack=0, spill=0,
+                   local_instructions=0, static_shared=0, dynamic_shared=16384, threads=256, blocks_per_sm=2,
+                   warps_per_sm=16, occupancy_limit="registers", math_per_step=512,
+                   loop={"issued": 600, "math_share": 512 / 600, "math": 512, "lds": 32, "ldg": 5, "integer": 30,
+                         "branch": 3},
+                   loop_max={"issued": 700, "math_share": 512 / 700})
+    row = {"kernel": "convgrad::k<float>", "source": "k.cu", "arch": "sm_80", "registers": 128,
+           "shared_bytes": 16384, "spill_bytes": 0, "stack_bytes": 0, "ok": True, "error": None, "sass": sass.as_dict()}
+    seen = {}
+
+    def fake(archs, sass=False):
+        seen["sass"] = sass
+        return [row]
+
+    monkeypatch.setattr(compile_check, "compile_check", fake)
+    out_json = tmp_path / "report.json"
+    status = compile_check.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80", sass=True,
+                                                                json=str(out_json)))
+    out = capsys.readouterr().out
+    assert status == 0 and seen["sass"] is True
+    assert "FMA%" in out and "85.3" in out and "2 (registers)" in out
+    written = json.loads(out_json.read_text())
+    assert written["archs"] == ["sm_80"] and written["rows"][0]["sass"]["warps_per_sm"] == 16

@@ -91,10 +91,13 @@ def launchable_kernels() -> list[KernelSpec]:
     for dtype in DTYPES:
         for tile in dict.fromkeys((SMALL_TILE, LARGE_TILES[dtype])):
             for pass_ in ("fprop", "dgrad", "wgrad"):
-                specs.append(KernelSpec(SOURCE_GEMM, gemm_kernel(pass_, dtype, tile), tile.shared_bytes(dtype)))
+                specs.append(KernelSpec(SOURCE_GEMM, gemm_kernel(pass_, dtype, tile), tile.shared_bytes(dtype),
+                                        threads=tile.threads, gemm=True,
+                                        math_per_step=tile.TM * tile.TN * tile.BK))
         for pass_ in ("fprop", "dgrad", "wgrad"):
             shared = depthwise_wgrad_shared_bytes(ELEMENTWISE_THREADS, dtype) if pass_ == "wgrad" else 0
-            specs.append(KernelSpec(SOURCE_DEPTHWISE, depthwise_kernel(pass_, dtype), shared))
-        specs.append(KernelSpec(SOURCE_REDUCE, reduce_kernel(dtype), 0))
-        specs.append(KernelSpec(SOURCE_BIAS, bias_kernel(dtype), 0))
+            specs.append(KernelSpec(SOURCE_DEPTHWISE, depthwise_kernel(pass_, dtype), shared,
+                                    threads=ELEMENTWISE_THREADS))
+        specs.append(KernelSpec(SOURCE_REDUCE, reduce_kernel(dtype), 0, threads=ELEMENTWISE_THREADS))
+        specs.append(KernelSpec(SOURCE_BIAS, bias_kernel(dtype), 0, threads=ELEMENTWISE_THREADS))
     return specs
