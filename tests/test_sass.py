@@ -132,20 +132,40 @@ def test_main_loop_is_the_innermost_loop_with_the_most_math(function) -> None:
     assert sass_report.find_main_loop(function) == Loop(0x50, 0x1E0)
 
 
-def test_steady_path_stages_the_most_and_issues_the_least(function) -> None:
+def test_steady_path_loads_the_most_and_issues_the_least(function) -> None:
     steady, costliest = sass_report.loop_paths(function, Loop(0x50, 0x1E0))
-    # Steady: 0050, 0060, the scalar staging (0070-0088: 2 LDG + STS + BRA, more staging than
-    # the vector pair), 00b0, the carry loop once (00c0-00e0), 00f0-0170, the STS at 0180,
-    # 0190-01e0.
-    assert steady.issued == 2 + 4 + 1 + 3 + 8 + 1 + 6
-    assert steady.counts["math"] == 4 and steady.counts["ldg"] == 2 and steady.counts["sts"] == 2
+    # Steady: 0050, 0060, the scalar staging (0070-0088: 2 LDG + STS + BRA, more loads than
+    # the vector pair), 00b0, the carry loop once (00c0-00e0), 00f0-0170, not the optional
+    # STS at 0180 (the path already writes shared memory), 0190-01e0.
+    assert steady.issued == 2 + 4 + 1 + 3 + 8 + 6
+    assert steady.counts["math"] == 4 and steady.counts["ldg"] == 2 and steady.counts["sts"] == 1
     assert steady.counts["lds"] == 2 and steady.counts["local"] == 1 and steady.counts["barrier"] == 1
     # Branches: 0060, 0088, 00e0, 0170, 01e0.  Integer: ISETP 0050, IADD3 00b0, ISETP/IADD3 00c0/00d0,
     # IMAD 0160, ISETP/IADD3/LOP3 01a0-01c0.
     assert steady.counts["branch"] == 5 and steady.counts["integer"] == 8
-    assert steady.math_share == pytest.approx(4 / 25)
-    # Costliest: the same path (the scalar staging is also the longer alternative).
-    assert costliest.issued == 25
+    assert steady.math_share == pytest.approx(4 / 24)
+    # Costliest: every optional instruction, the STS at 0180 too.
+    assert costliest.issued == 25 and costliest.counts["sts"] == 2
+
+
+def test_steady_path_must_write_shared_memory() -> None:
+    """A path that loads but skips every shared-memory store (the last step) is not the steady one."""
+    text = """
+.text._Z1kv:
+.L_x_1:
+        /*0000*/                   LDG.E R5, [R6.64] ;
+        /*0010*/                   FFMA R7, R8, R9, R7 ;
+        /*0020*/               @P0 BRA `(.L_x_2) ;
+        /*0030*/                   STS [R9], R5 ;
+.L_x_2:
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/               @P1 BRA `(.L_x_1) ;
+        /*0060*/                   EXIT ;
+"""
+    function = sass_report.parse_sass(text)["_Z1kv"]
+    steady, costliest = sass_report.loop_paths(function, sass_report.find_main_loop(function))
+    assert steady.issued == 6 and steady.counts["sts"] == 1
+    assert costliest.issued == 6
 
 
 def test_steady_path_skips_a_longer_rare_block() -> None:
@@ -218,15 +238,15 @@ def test_analyse_flags_local_memory_and_missing_opcodes(function) -> None:
     assert row.stack == 16 and row.local_instructions == 2
     assert any("stack frame" in p for p in row.problems) and any("local-memory" in p for p in row.problems)
     assert "no HMMA instruction" in row.problems
-    assert row.loop is not None and row.loop["math"] == 4 and row.loop["issued"] == 25
+    assert row.loop is not None and row.loop["math"] == 4 and row.loop["issued"] == 24
     assert row.steps_per_iteration == 1
     # Two reduction steps per iteration when a step is two multiply-adds.
     halved = sass_report.analyse(function, resources, kernel="k", arch="sm_80", threads=128, dynamic_shared=0,
                                  spill=0, gemm=True, math_per_step=2)
-    assert halved.steps_per_iteration == 2 and halved.loop["issued"] == 12.5
+    assert halved.steps_per_iteration == 2 and halved.loop["issued"] == 12
     # Kernels that are not GEMMs are held only to their required opcodes.
     other = sass_report.analyse(function, resources, kernel="k", arch="sm_80", threads=128, dynamic_shared=0,
                                 spill=0, gemm=False)
     assert other.problems == [] and other.loop is None
     table = sass_report.format_sass_table([row, other.as_dict()])
-    assert "ERROR" in table and "16.0" in table
+    assert "ERROR" in table and "16.7" in table

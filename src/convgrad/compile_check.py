@@ -143,7 +143,8 @@ def _attach_sass(rows: list[dict], specs: Sequence[KernelSpec], arch: str, lower
 
     wanted = [{"kernel": spec.name, "mangled": lowered[spec.name], "threads": spec.threads,
                "dynamic_shared": spec.dynamic_shared_bytes, "gemm": spec.gemm, "math_per_step": spec.math_per_step,
-               "required_ops": spec.required_ops, "spill": 0} for spec in specs if spec.name in lowered]
+               "required_ops": spec.required_ops, "min_blocks_per_sm": spec.min_blocks_per_sm, "spill": 0}
+              for spec in specs if spec.name in lowered]
     by_name = {row["kernel"]: row for row in rows}
     for k in wanted:
         k["spill"] = by_name[k["kernel"]]["spill_bytes"]
@@ -182,8 +183,8 @@ def compile_check(archs: Iterable[str] = DEFAULT_ARCHS, *, sass: bool = False,
         ``nvdisasm``): every row gets a ``sass`` entry, and a GEMM kernel with a stack frame
         or a local-memory instruction, or a kernel without its required opcodes, fails.
     workers : int, optional
-        Compiler processes (default: one per CPU).  NVRTC holds the GIL, so threads would
-        not overlap; programs are compiled in separate processes.
+        Worker processes (default: one per CPU).  Each compiles whole programs and reads
+        their SASS itself, so the Python parsing of the disassembly runs in parallel too.
 
     Returns
     -------

@@ -122,7 +122,8 @@ class KernelSpec:
     instruction, and has a main loop whose instruction mix is reported), ``math_per_step``
     (multiply-add instructions one thread issues per reduction step, to turn an unrolled
     main loop into per-step figures) and ``required_ops`` (SASS opcodes that must appear,
-    e.g. ``("HMMA", "LDGSTS")`` for a tensor-core kernel).
+    e.g. ``("HMMA", "LDGSTS")`` for a tensor-core kernel) and ``min_blocks_per_sm`` (the
+    occupancy the planner counts on; the report fails a kernel that does not reach it).
     """
 
     source: str
@@ -133,3 +134,4 @@ class KernelSpec:
     gemm: bool = False
     math_per_step: int | None = None
     required_ops: tuple[str, ...] = ()
+    min_blocks_per_sm: int = 0

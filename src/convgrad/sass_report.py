@@ -74,11 +74,12 @@ def _run_tool(name: str, *args: str) -> str:
 
 
 def disassemble(cubin: bytes) -> tuple[str, str]:
-    """``(cuobjdump -res-usage, nvdisasm -c)`` of one cubin."""
+    """``(cuobjdump -res-usage, nvdisasm -c -ndf)`` of one cubin."""
     with tempfile.TemporaryDirectory(prefix="convgrad-sass-") as tmp:
         path = pathlib.Path(tmp) / "kernels.cubin"
         path.write_bytes(cubin)
-        return _run_tool("cuobjdump", "-res-usage", str(path)), _run_tool("nvdisasm", "-c", str(path))
+        # -ndf: no dataflow annotations (the same instructions, disassembled faster).
+        return _run_tool("cuobjdump", "-res-usage", str(path)), _run_tool("nvdisasm", "-c", "-ndf", str(path))
 
 
 # ----------------------------------------------------------------------------------------
@@ -330,11 +331,12 @@ def loop_paths(function: Function, loop: Loop) -> tuple[LoopMix, LoopMix] | None
     tap, the last step that loads nothing.  Each instruction on a path issues once,
     predicated or not; a nested loop without math counts as run once.
 
-    * The steady-state step is the path with the most staging instructions (global loads
-      LDG/LDGSTS plus shared stores STS), and of those the fewest instructions: it stages the
-      whole next step (not the last step, not a tile edge, which would flatter the mix),
-      takes the scalar staging where the kernel also has a vector one (the layout with the
-      most loads per step), and skips the rare blocks.
+    * The steady-state step is the path with the most global loads (LDG, LDGSTS) that also
+      writes shared memory (an STS or LDGSTS: it stages the next step), and of those the
+      fewest instructions.  So it is not the last step or a tile edge, which would flatter
+      the mix; it takes the scalar staging where the kernel also has a vector one (the
+      layout with the most loads per step); and it skips the rare blocks.  If no path
+      writes shared memory, the condition is dropped.
     * The costliest step is the path with the most instructions: every optional block taken.
     """
     body = _body(function, loop)
@@ -343,35 +345,57 @@ def loop_paths(function: Function, loop: Loop) -> tuple[LoopMix, LoopMix] | None
     end = len(body)
     position = {ins.address: k for k, ins in enumerate(body)}
     successors = [[s for s in _successors(function, loop, k, body, position) if s > k] for k in range(end)]
-    # Per instruction, the best continuation to the latch: steady[k] = (-staging instructions, issued), minimised.
-    steady: list[tuple[int, int] | None] = [None] * (end + 1)
+    # steady[need][k]: the best continuation from k to the latch, as (-global loads, issued),
+    # minimised; `need` (0 or 1) says whether it must still write shared memory.
+    steady: list[list[tuple[int, int] | None]] = [[None] * (end + 1) for _ in range(2)]
+    steady_next = [[end] * (end + 1) for _ in range(2)]
+    steady[0][end] = (0, 0)
     most: list[int | None] = [None] * (end + 1)
-    steady[end], most[end] = (0, 0), 0
-    steady_next: list[int] = [end] * (end + 1)
+    most[end] = 0
     most_next: list[int] = [end] * (end + 1)
     for k in range(end - 1, -1, -1):
-        loads = 1 if body[k].op in GLOBAL_LOAD_OPS or body[k].op == "STS" else 0
-        for s in successors[k]:
-            after, longest = steady[s], most[s]
-            if after is not None:
+        op = body[k].op
+        loads = 1 if op in GLOBAL_LOAD_OPS else 0
+        writes_shared = op in ("STS", "LDGSTS")
+        for need in (0, 1):
+            rest = 0 if writes_shared else need
+            for s in successors[k]:
+                after = steady[rest][s]
+                if after is None:
+                    continue
                 candidate = (after[0] - loads, after[1] + 1)
-                if steady[k] is None or candidate < steady[k]:
-                    steady[k], steady_next[k] = candidate, s
+                if steady[need][k] is None or candidate < steady[need][k]:
+                    steady[need][k], steady_next[need][k] = candidate, s
+        for s in successors[k]:
+            longest = most[s]
             if longest is not None and (most[k] is None or longest + 1 > most[k]):
                 most[k], most_next[k] = longest + 1, s
-    if steady[0] is None:
+    if steady[0][0] is None:
         return None
+    need = 1 if steady[1][0] is not None else 0
 
-    def walk(following: Sequence[int]) -> LoopMix:
+    def walk_steady() -> LoopMix:
+        counts = dict.fromkeys(CATEGORIES, 0)
+        issued, k, state = 0, 0, need
+        while k < end:
+            counts[category(body[k])] += 1
+            issued += 1
+            following = steady_next[state][k]
+            if body[k].op in ("STS", "LDGSTS"):
+                state = 0
+            k = following
+        return LoopMix(issued, counts)
+
+    def walk_costliest() -> LoopMix:
         counts = dict.fromkeys(CATEGORIES, 0)
         issued, k = 0, 0
         while k < end:
             counts[category(body[k])] += 1
             issued += 1
-            k = following[k]
+            k = most_next[k]
         return LoopMix(issued, counts)
 
-    return walk(steady_next), walk(most_next)
+    return walk_steady(), walk_costliest()
 
 
 # ----------------------------------------------------------------------------------------
@@ -482,14 +506,16 @@ def _mix_per_step(mix: LoopMix, steps: int) -> dict[str, float]:
 
 def analyse(function: Function, resources: Mapping[str, int], *, kernel: str, arch: str, threads: int,
             dynamic_shared: int, spill: int, gemm: bool, math_per_step: int | None = None,
-            required_ops: Iterable[str] = (), static_shared: int | None = None) -> SassRow:
+            required_ops: Iterable[str] = (), static_shared: int | None = None,
+            min_blocks_per_sm: int = 0) -> SassRow:
     """One :class:`SassRow` from a disassembled kernel and its ``cuobjdump -res-usage`` line.
 
     ``math_per_step`` is the multiply-adds one thread issues per reduction step (e.g.
     TM·TN·BK for the SIMT GEMM); it turns a main loop that the compiler unrolled into
     per-step figures.  ``problems`` lists what fails the check: for a GEMM kernel, any stack
     frame or local-memory instruction, or a main loop that cannot be found; for any kernel,
-    an opcode in ``required_ops`` (e.g. ``HMMA``) that does not appear.
+    an opcode in ``required_ops`` (e.g. ``HMMA``) that does not appear, or fewer blocks per SM
+    than ``min_blocks_per_sm`` (what the planner counts on).
     """
     local = local_memory_instructions(function)
     # The kernel's own static shared memory (ptxas's figure when given): sm_90 cubins also
@@ -505,6 +531,8 @@ def analyse(function: Function, resources: Mapping[str, int], *, kernel: str, ar
     for op in required_ops:
         if op not in present:
             row.problems.append(f"no {op} instruction")
+    if row.blocks_per_sm < min_blocks_per_sm:
+        row.problems.append(f"{row.blocks_per_sm} blocks per SM, the planner counts on {min_blocks_per_sm}")
     if not gemm:
         return row
     if row.stack:
@@ -529,7 +557,7 @@ def analyse_cubin(cubin: bytes, kernels: Sequence[dict], arch: str) -> list[Sass
 
     ``kernels``: one dict per instantiation with ``kernel`` (name expression), ``mangled``,
     ``threads``, ``dynamic_shared``, ``spill``, ``gemm``, ``math_per_step``,
-    ``required_ops`` and optionally ``static_shared`` (ptxas's figure).
+    ``required_ops`` and optionally ``static_shared`` (ptxas's figure) and ``min_blocks_per_sm``.
     """
     usage_text, sass_text = disassemble(cubin)
     usage = parse_resource_usage(usage_text)
@@ -546,7 +574,7 @@ def analyse_cubin(cubin: bytes, kernels: Sequence[dict], arch: str) -> list[Sass
         rows.append(analyse(function, resources, kernel=k["kernel"], arch=arch, threads=k["threads"],
                             dynamic_shared=k["dynamic_shared"], spill=k["spill"], gemm=k["gemm"],
                             math_per_step=k.get("math_per_step"), required_ops=k.get("required_ops", ()),
-                            static_shared=k.get("static_shared")))
+                            static_shared=k.get("static_shared"), min_blocks_per_sm=k.get("min_blocks_per_sm", 0)))
     return rows
 
 
