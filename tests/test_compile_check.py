@@ -20,9 +20,18 @@ needs_nvrtc = pytest.mark.skipif(_REASON is not None, reason=f"NVRTC unavailable
 ARCHS = ("sm_80", "sm_90")
 
 
+_SASS_REASON = None
+if _REASON is None:
+    from convgrad.sass_report import tools_available
+
+    _SASS_REASON = tools_available()
+needs_sass = pytest.mark.skipif(_SASS_REASON is not None, reason=f"cuobjdump/nvdisasm unavailable: {_SASS_REASON}")
+
+
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    return compile_check.compile_check(ARCHS)
+    """Every instantiation compiled once per architecture; the SASS is read from the same cubins."""
+    return compile_check.compile_check(ARCHS, sass=_SASS_REASON is None)
 
 
 @needs_nvrtc
@@ -55,7 +64,56 @@ def test_run_compile_check_prints_table_and_succeeds(capsys: pytest.CaptureFixtu
     status = compile_check.run_compile_check(parser.parse_args(["--compile-only", "--arch", "sm_80,sm_90"]))
     out = capsys.readouterr().out
     assert status == 0
-    assert "convgrad::fprop_gemm<float, 32, 32, 8, 4, 4>" in out and "sm_90" in out
+    assert "convgrad::fprop_gemm<float, 32, 32, 8, 4, 4, false>" in out and "sm_90" in out
+
+
+@needs_nvrtc
+@needs_sass
+def test_gemm_kernels_have_no_stack_frame_and_no_local_memory(rows: list[dict]) -> None:
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    gemm = [row for row in rows if specs[row["kernel"]].gemm]
+    assert gemm and all("sass" in row for row in gemm)
+    bad = [f"{row['kernel']} ({row['arch']}): {row['sass']['stack']} B stack, "
+           f"{row['sass']['local_instructions']} LDL/STL" for row in gemm
+           if row["sass"]["stack"] or row["sass"]["local_instructions"]]
+    assert not bad, "\n".join(bad)
+
+
+@needs_nvrtc
+@needs_sass
+def test_occupancy_is_what_the_planner_counts_on(rows: list[dict]) -> None:
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    for row in rows:
+        spec = specs[row["kernel"]]
+        assert row["sass"]["threads"] == spec.threads
+        assert row["sass"]["blocks_per_sm"] >= spec.min_blocks_per_sm, row["sass"]
+
+
+@needs_nvrtc
+@needs_sass
+def test_every_gemm_main_loop_is_found(rows: list[dict]) -> None:
+    """The heuristic finds a main loop whose steady step is one reduction step of the tile."""
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    for row in rows:
+        spec = specs[row["kernel"]]
+        if not spec.gemm:
+            continue
+        loop = row["sass"]["loop"]
+        assert loop is not None, row["kernel"]
+        assert loop["math"] == spec.math_per_step and loop["lds"] > 0 and loop["barrier"] == 1, (row["kernel"], loop)
+
+
+@needs_nvrtc
+@needs_sass
+def test_default_fp32_fprop_tile_meets_the_static_targets(rows: list[dict]) -> None:
+    """The large fp32 fprop tile: FFMA at least 80% of its main loop's steady step, two blocks
+    (16 warps) per SM (static figures, read from the SASS; no GPU has timed them)."""
+    from convgrad.kernel_catalog import LARGE_TILES, gemm_kernel
+
+    name = gemm_kernel("fprop", "float32", LARGE_TILES["float32"])
+    for row in (r for r in rows if r["kernel"] == name):
+        assert row["sass"]["loop"]["math_share"] >= 0.8, row["sass"]["loop"]
+        assert row["sass"]["blocks_per_sm"] >= 2 and row["sass"]["warps_per_sm"] >= 16
 
 
 def test_run_compile_check_fails_on_an_error_row(capsys: pytest.CaptureFixture[str],

@@ -10,16 +10,19 @@ slices, workspaces, the packed parameter struct); a
 * ``cupy-host``: ``convgrad.cuda_host.HostRunner``, the same sources compiled with g++
   against an emulation of CUDA and run on the CPU, for CI.
 
-This module holds what the two backends add to a plan: the arrays (workspaces, staging,
-the pointer-alignment check of the vector path) and the launches in order.
+This module holds what the two backends add to a plan: the arrays (workspaces, the packed
+weight, staging, the pointer-alignment check of the vector path), the device's SM count,
+and the launches in order.
 
 Algorithms (kernels/*.cu; each file's header has the formulas and launch geometry):
 
 * fprop, dgrad, wgrad: SIMT implicit GEMM (``implicit_gemm.cu``), one template per pass
-  instantiated per dtype and tile shape; dgrad runs one GEMM per stride phase so no multiply
-  is spent on taps the stride skips; wgrad splits its long reduction (N·Z·P·Q) into slices
-  whose partial sums go to a workspace and are added in a fixed order (``splitk_reduce.cu``),
-  or with ``deterministic=False`` are added atomically;
+  instantiated per dtype and tile shape (32, 64 and 128 wide, chosen for the device's SM
+  count); fprop and dgrad read the weight packed once per call (``weight_pack.cu``) on the
+  larger tiles; dgrad runs one GEMM per stride phase so no multiply is spent on taps the
+  stride skips; any pass may split its reduction into slices whose partial sums go to a
+  workspace and are added in a fixed order (``splitk_reduce.cu``), or, for wgrad with
+  ``deterministic=False``, atomically;
 * depthwise (``groups == C``, any channel multiplier): direct kernels (``depthwise.cu``);
 * the bias of fprop is fused; the bias of conv_transpose is a small kernel (``bias.cu``);
 * on the GPU, a 1×1 stride-1 unpadded channels-last fprop is one ``cupy.matmul`` (cuBLAS).
@@ -96,9 +99,13 @@ class _KernelBackend(Backend):
     def unsupported(self, problem: ConvProblem) -> str | None:
         return self.planner.unsupported(problem)
 
+    def _sm_count(self, like: Any) -> int | None:
+        """SMs of the device holding ``like`` (None: the planner's default)."""
+        return None
+
     def _run(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any = None) -> None:
-        plan = self.planner.plan(problem, pass_, has_bias=bias is not None)
         like = tensors["w"]
+        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, sm_count=self._sm_count(like))
         acc = ACCUMULATOR[problem.dtype]
         full = dict(tensors)
         full["bias"] = bias if bias is not None else tensors["w"]  # read only when has_bias is set
@@ -108,6 +115,9 @@ class _KernelBackend(Backend):
             full["workspace"] = self._zeros(plan.workspace.elements, plan.workspace.dtype, like)
         else:
             full["workspace"] = self._empty(plan.workspace.elements, plan.workspace.dtype, like)
+        if plan.packed is not None:
+            # The packed weight, in the weight's own dtype (bfloat16 may be held as its bits).
+            full["packed"] = self._empty(plan.packed.elements, like.dtype, like)
         out_role = {"fprop": "y", "dgrad": "x", "wgrad": "w"}[pass_]
         self._execute(plan, full, (out_role,))
 
@@ -145,6 +155,14 @@ def _cupy_device_present() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # CuPy missing, or no driver/device: the backend is unavailable
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_id: int) -> int:
+    """The SM count of a CUDA device, asked once."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
 def _is_bfloat16(dtype: Any) -> bool:
@@ -194,6 +212,9 @@ class CupyBackend(_KernelBackend):
 
     def _make_runner(self) -> KernelRunner:
         return CupyRunner()
+
+    def _sm_count(self, like: Any) -> int | None:
+        return _multiprocessor_count(like.device.id)
 
     def _empty(self, elements: int, dtype: str, like: Any) -> Any:
         import cupy
