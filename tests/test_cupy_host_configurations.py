@@ -54,6 +54,14 @@ def _case(*, channels_last: bool, small_channels: bool):
     raise LookupError(f"no curated case with channels_last={channels_last}, small_channels={small_channels}")
 
 
+def _marks(tile) -> list:
+    """The float32 configurations of the packed-weight 64-wide tile also run under the
+    sanitizer (``small``; tests/test_cupy_host_sanitized.py): they reach every code path the
+    larger tiles have (packed weight, flattened reduction, split-K, both wgrad stagings, the
+    vector loads), whereas the shared suite's small cases plan the small tile."""
+    return [pytest.mark.small] if tile.packed_b and tile.BM == 64 and tile.threads == 64 else []
+
+
 def _configurations():
     params = []
     for dtype in DTYPES:
@@ -71,13 +79,14 @@ def _configurations():
                         layouts = (False, True) if not packed else (False,)
                         for channels_last in layouts:
                             params.append(pytest.param(
-                                dtype, tile, pass_, splits, packed, channels_last, True, True,
+                                dtype, tile, pass_, splits, packed, channels_last, True, True, marks=_marks(tile),
                                 id=f"{tile_id}-{pass_}-s{splits}-{'packed' if packed else 'chunks'}-"
                                    f"{'nhwc' if channels_last else 'nchw'}"))
             for kfast in wgrad_stagings(tile):
                 for splits, deterministic in ((1, True), (3, True), (3, False)):
                     epilogue = "store" if splits == 1 else "workspace" if deterministic else "atomic"
                     params.append(pytest.param(dtype, tile, "wgrad", splits, False, not kfast, kfast, deterministic,
+                                               marks=_marks(tile),
                                                id=f"{tile_id}-wgrad-{'kfast' if kfast else 'cfast'}-{epilogue}"))
     return params
 

@@ -80,7 +80,7 @@ BYTES_PER_CYCLE = 1000
 #: Bytes the L2 cache serves the whole device per cycle (every CTA's tile loads pass through it).
 L2_BYTES_PER_CYCLE = 4000
 #: What one more kernel launch (the weight packing, the split-K reduction) costs, in cycles (a few microseconds).
-LAUNCH_CYCLES = 5000
+LAUNCH_CYCLES = 10000
 #: Wave efficiency the planner holds a GEMM launch to when some configuration reaches it.
 WAVE_TARGET = 0.9
 #: Multiply-add throughput of each tile's main loop relative to the large tile's: the SASS
@@ -552,8 +552,11 @@ class Planner:
 
     def _gemm_launch(self, problem: ConvProblem, pass_: str, tile: Tile, kfast: bool, p: np.ndarray, blocks: int,
                      args: tuple[str, ...]) -> Launch:
-        batch = tuple(gemm_kernel(other, problem.dtype, tile, kfast) for other in ("fprop", "dgrad", "wgrad")
-                      if other != "wgrad" or kfast in wgrad_stagings(tile))
+        # One library for the three passes of a tile; the channel-fastest wgrad on its own, so
+        # that fprop and dgrad (the same for either staging) are never built twice.
+        batch = tuple(gemm_kernel(other, problem.dtype, tile) for other in ("fprop", "dgrad", "wgrad"))
+        if pass_ == "wgrad" and not kfast:
+            batch = (gemm_kernel("wgrad", problem.dtype, tile, kfast),)
         return Launch(SOURCE_GEMM, gemm_kernel(pass_, problem.dtype, tile, kfast), (blocks, 1, 1),
                       (tile.threads, 1, 1), tile.shared_bytes(problem.dtype), p[()], args, batch)
 
@@ -606,8 +609,11 @@ class Planner:
             packed = Workspace(choice.packed_elements, problem.dtype, zeroed=False)
             pack = self.base_params(problem)
             pack["b_ld"], pack["b_chunk"], pack["total"] = p["b_ld"], p["b_chunk"], choice.packed_elements
-            launches.append(self._elementwise(SOURCE_PACK, pack_kernel(pass_, problem.dtype), pack,
-                                              choice.packed_elements, ("w", "packed")))
+            launch = self._elementwise(SOURCE_PACK, pack_kernel(pass_, problem.dtype), pack, choice.packed_elements,
+                                       ("w", "packed"))
+            # Both packing kernels of a dtype in one library.
+            launches.append(replace(launch, batch=tuple(pack_kernel(other, problem.dtype)
+                                                        for other in ("fprop", "dgrad"))))
         outputs = self._outputs(problem, pass_)
         workspace = None
         if choice.splits > 1:
