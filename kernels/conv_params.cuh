@@ -35,18 +35,25 @@ struct ConvParams {
   index_t tiles_m;           // GEMM tiles along M
   index_t tiles_n;           // GEMM tiles along N
   index_t phases;            // dgrad stride phases (stride_d * stride_h * stride_w); 1 otherwise
-  index_t splits;            // split-K slices of the reduction (wgrad)
-  index_t split_len;         // reduction elements per slice
+  index_t splits;            // split-K slices of the reduction
+  index_t split_len;         // per slice: reduction steps (fprop, dgrad) or reduction elements (wgrad, depthwise)
   index_t ws_slice_stride;   // elements between two slices of the split-K workspace
   index_t epilogue;          // EPILOGUE_STORE, EPILOGUE_WORKSPACE or EPILOGUE_ATOMIC
-  index_t has_bias;          // fprop: add bias[k] to every output of channel k
-  index_t a_kfast;           // GEMM A tile loaded with the reduction index fastest across threads
-  index_t b_kfast;           // GEMM B tile loaded with the reduction index fastest across threads
-  index_t a_vec;             // GEMM A tile loaded as vectors of contiguous channels (the fast path)
+  index_t has_bias;          // fprop (and its split-K reduction): add bias[k] to every output of channel k
+  index_t a_blocked;         // fprop/dgrad: a thread's A lanes are consecutive channels (channels-last), not interleaved
+  index_t a_vec;             // fprop/dgrad: A loaded as vectors of contiguous channels (the fast path)
+  index_t out_cfast;         // fprop/dgrad epilogue: store channel-fastest (channels-last output), else pixel-fastest
+  index_t red_packed;        // fprop/dgrad: the reduction runs over (tap, channel) pairs flattened (small C/G)
+  index_t b_ld;              // packed weight: elements between two rows
+  index_t b_chunk;           // packed weight: rows per tap (C/G rounded up to BK; exactly C/G when red_packed)
+  index_t div_mul[3];        // red_packed: n / d == (n * div_mul) >> div_shift for 0 <= n < 2^31, with d the
+  index_t div_shift[3];      //   reduction channels, the taps along axes 1 and 2, and the taps along axis 2
   index_t channels_fastest;  // elementwise kernels: channel is the fastest-varying output index
   index_t total;             // elementwise kernels: number of outputs
   index_t b_vec;             // GEMM B tile loaded as vectors of contiguous channels (tensor-core fast path)
   index_t out_nfast;         // tensor-core epilogue: the output is contiguous along GEMM N (channels-last)
+  index_t out_shape[5];      // split-K reduction: logical shape of the output (N, C, D, H, W or K, C/G, T, R, S)
+  index_t out_stride[5];     // split-K reduction: its element strides
 };
 
 // How a kernel writes its result.

@@ -89,15 +89,22 @@ struct VectorWord<4> {
   typedef unsigned int type;
 };
 
-// N consecutive elements at `offset` of `base` in one load, widened into dst[0..N).  The
-// address must be aligned to N * sizeof(T) bytes (the planner and backend guarantee it).
+// N consecutive elements at `offset` of `base`, widened into dst[0..N): one load, or one
+// 16-byte load per 16 bytes when there are more.  The address must be aligned to
+// min(N * sizeof(T), 16) bytes (the planner and backend guarantee it).
 template <typename T, int N>
 __device__ __forceinline__ void load_vector(const T* base, index_t offset, acc_t<T>* dst) {
-  typedef typename VectorWord<N * (int)sizeof(T)>::type Word;
-  const Word word = *reinterpret_cast<const Word*>(base + offset);
-  const T* elems = reinterpret_cast<const T*>(&word);
+  if constexpr (N * (int)sizeof(T) > 16) {
+    constexpr int PER_WORD = 16 / (int)sizeof(T);
 #pragma unroll
-  for (int j = 0; j < N; ++j) dst[j] = DTypeTraits<T>::widen(elems[j]);
+    for (int i = 0; i < N; i += PER_WORD) load_vector<T, PER_WORD>(base, offset + i, dst + i);
+  } else {
+    typedef typename VectorWord<N * (int)sizeof(T)>::type Word;
+    const Word word = *reinterpret_cast<const Word*>(base + offset);
+    const T* elems = reinterpret_cast<const T*>(&word);
+#pragma unroll
+    for (int j = 0; j < N; ++j) dst[j] = DTypeTraits<T>::widen(elems[j]);
+  }
 }
 
 // a * b + c; NVRTC and nvcc contract it to one fused multiply-add.

@@ -8,6 +8,7 @@ registers, shared memory and spills; a spill in a kernel that must not spill is 
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -19,9 +20,18 @@ needs_nvrtc = pytest.mark.skipif(_REASON is not None, reason=f"NVRTC unavailable
 ARCHS = ("sm_80", "sm_90")
 
 
+_SASS_REASON = None
+if _REASON is None:
+    from convgrad.sass_report import tools_available
+
+    _SASS_REASON = tools_available()
+needs_sass = pytest.mark.skipif(_SASS_REASON is not None, reason=f"cuobjdump/nvdisasm unavailable: {_SASS_REASON}")
+
+
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    return compile_check.compile_check(ARCHS)
+    """Every instantiation compiled once per architecture; the SASS is read from the same cubins."""
+    return compile_check.compile_check(ARCHS, sass=_SASS_REASON is None)
 
 
 @needs_nvrtc
@@ -49,20 +59,70 @@ def test_report_has_resources(rows: list[dict]) -> None:
 @needs_nvrtc
 def test_run_compile_check_prints_table_and_succeeds(capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch, rows: list[dict]) -> None:
-    monkeypatch.setattr(compile_check, "compile_check", lambda archs: [r for r in rows if r["arch"] in archs])
+    monkeypatch.setattr(compile_check, "compile_check",
+                        lambda archs, sass=False: [r for r in rows if r["arch"] in archs])
     parser = argparse.ArgumentParser()
     compile_check.add_compile_arguments(parser)
     status = compile_check.run_compile_check(parser.parse_args(["--compile-only", "--arch", "sm_80,sm_90"]))
     out = capsys.readouterr().out
     assert status == 0
-    assert "convgrad::fprop_gemm<float, 32, 32, 8, 4, 4>" in out and "sm_90" in out
+    assert "convgrad::fprop_gemm<float, 32, 32, 8, 4, 4, false>" in out and "sm_90" in out
+
+
+@needs_nvrtc
+@needs_sass
+def test_gemm_kernels_have_no_stack_frame_and_no_local_memory(rows: list[dict]) -> None:
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    gemm = [row for row in rows if specs[row["kernel"]].gemm]
+    assert gemm and all("sass" in row for row in gemm)
+    bad = [f"{row['kernel']} ({row['arch']}): {row['sass']['stack']} B stack, "
+           f"{row['sass']['local_instructions']} LDL/STL" for row in gemm
+           if row["sass"]["stack"] or row["sass"]["local_instructions"]]
+    assert not bad, "\n".join(bad)
+
+
+@needs_nvrtc
+@needs_sass
+def test_occupancy_is_what_the_planner_counts_on(rows: list[dict]) -> None:
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    for row in rows:
+        spec = specs[row["kernel"]]
+        assert row["sass"]["threads"] == spec.threads
+        assert row["sass"]["blocks_per_sm"] >= spec.min_blocks_per_sm, row["sass"]
+
+
+@needs_nvrtc
+@needs_sass
+def test_every_gemm_main_loop_is_found(rows: list[dict]) -> None:
+    """The heuristic finds a main loop whose steady step is one reduction step of the tile."""
+    specs = {spec.name: spec for spec in launchable_kernels()}
+    for row in rows:
+        spec = specs[row["kernel"]]
+        if not spec.gemm:
+            continue
+        loop = row["sass"]["loop"]
+        assert loop is not None, row["kernel"]
+        assert loop["math"] == spec.math_per_step and loop["lds"] > 0 and loop["barrier"] == 1, (row["kernel"], loop)
+
+
+@needs_nvrtc
+@needs_sass
+def test_default_fp32_fprop_tile_meets_the_static_targets(rows: list[dict]) -> None:
+    """The large fp32 fprop tile: FFMA at least 80% of its main loop's steady step, two blocks
+    (16 warps) per SM (static figures, read from the SASS; no GPU has timed them)."""
+    from convgrad.kernel_catalog import LARGE_TILES, gemm_kernel
+
+    name = gemm_kernel("fprop", "float32", LARGE_TILES["float32"])
+    for row in (r for r in rows if r["kernel"] == name):
+        assert row["sass"]["loop"]["math_share"] >= 0.8, row["sass"]["loop"]
+        assert row["sass"]["blocks_per_sm"] >= 2 and row["sass"]["warps_per_sm"] >= 16
 
 
 def test_run_compile_check_fails_on_an_error_row(capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     bad = {"kernel": "convgrad::k<float>", "source": "k.cu", "arch": "sm_80", "registers": 40, "shared_bytes": 0,
            "spill_bytes": 64, "ok": False, "error": "64 bytes of register spills in a kernel that must not spill"}
-    monkeypatch.setattr(compile_check, "compile_check", lambda archs: [bad])
+    monkeypatch.setattr(compile_check, "compile_check", lambda archs, sass=False: [bad])
     status = compile_check.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80"))
     assert status == 1
     assert "must not spill" in capsys.readouterr().out
@@ -119,3 +179,32 @@ def test_every_kernel_source_documents_itself() -> None:
         header = (root / name).read_text().split("#include")[0].lower()
         for word in ("formula", "layout", "launch geometry", "limits"):
             assert word in header, f"{name}: its header comment does not describe the {word}"
+
+
+def test_sass_table_and_json_are_written(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path) -> None:
+    from convgrad.sass_report import SassRow
+
+    sass = SassRow(kernel="convgrad::k<float>", arch="sm_80", gemm=True, registers=128, stack=0, spill=0,
+                   local_instructions=0, static_shared=0, dynamic_shared=16384, threads=256, blocks_per_sm=2,
+                   warps_per_sm=16, occupancy_limit="registers", math_per_step=512,
+                   loop={"issued": 600, "math_share": 512 / 600, "math": 512, "lds": 32, "ldg": 5, "integer": 30,
+                         "branch": 3},
+                   loop_max={"issued": 700, "math_share": 512 / 700})
+    row = {"kernel": "convgrad::k<float>", "source": "k.cu", "arch": "sm_80", "registers": 128,
+           "shared_bytes": 16384, "spill_bytes": 0, "stack_bytes": 0, "ok": True, "error": None, "sass": sass.as_dict()}
+    seen = {}
+
+    def fake(archs, sass=False):
+        seen["sass"] = sass
+        return [row]
+
+    monkeypatch.setattr(compile_check, "compile_check", fake)
+    out_json = tmp_path / "report.json"
+    status = compile_check.run_compile_check(argparse.Namespace(compile_only=True, arch="sm_80", sass=True,
+                                                                json=str(out_json)))
+    out = capsys.readouterr().out
+    assert status == 0 and seen["sass"] is True
+    assert "FMA%" in out and "85.3" in out and "2 (registers)" in out
+    written = json.loads(out_json.read_text())
+    assert written["archs"] == ["sm_80"] and written["rows"][0]["sass"]["warps_per_sm"] == 16

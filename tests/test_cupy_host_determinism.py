@@ -103,8 +103,8 @@ def _broken_kernels(tmp_path, source: str, old: str, new: str):
 
 def test_missing_barrier_in_the_gemm_mainloop_is_caught(tmp_path) -> None:
     """Without the per-step barrier, threads read a stage before all of it is written."""
-    kernels = _broken_kernels(tmp_path, "gemm_tile.cuh", "    __syncthreads();\n    typename Shape::Acc* swap",
-                              "    typename Shape::Acc* swap")
+    kernels = _broken_kernels(tmp_path, "gemm_tile.cuh", "    __syncthreads();\n    parity ^= 1;",
+                              "    parity ^= 1;")
     x_shape, w_shape, geometry = CASES["strided_grouped"]
     x, w, dy = _data(x_shape, w_shape, geometry)
     expected = convgrad.conv2d(x, w, backend="numpy", **geometry)

@@ -28,9 +28,11 @@ from convgrad.backends.cupy_planner import (
     Planner,
     describe_block,
     dgrad_phase_axis,
+    fast_divisor,
     phase_digits,
+    wave_efficiency,
 )
-from convgrad.kernel_catalog import LARGE_TILES, SMALL_TILE
+from convgrad.kernel_catalog import LARGE_TILES, NARROW_TILES, SMALL_TILE, gemm_tiles
 from convgrad.problem import conv_problem, transposed_problem
 from convgrad.testing import reference_forward
 
@@ -106,7 +108,10 @@ def fragment_index(extent: int, per_thread: int, coord: int, i: int) -> int:
     return (i // 4) * (extent // (per_thread // 4)) + coord * 4 + i % 4
 
 
-@pytest.mark.parametrize("tile", sorted({SMALL_TILE, *LARGE_TILES.values()}, key=str), ids=str)
+ALL_TILES = sorted({tile for dtype in ("float32", "float64") for tile in gemm_tiles(dtype)}, key=str)
+
+
+@pytest.mark.parametrize("tile", ALL_TILES, ids=str)
 def test_register_blocks_cover_the_tile_once(tile) -> None:
     counts = np.zeros((tile.BM, tile.BN), int)
     threads_n = tile.BN // tile.TN
@@ -117,46 +122,118 @@ def test_register_blocks_cover_the_tile_once(tile) -> None:
     assert (counts == 1).all()
 
 
-@pytest.mark.parametrize("tile", sorted({SMALL_TILE, *LARGE_TILES.values()}, key=str), ids=str)
-@pytest.mark.parametrize("kfast", (False, True))
-def test_staging_fills_every_shared_slot_once(tile, kfast: bool) -> None:
+def _gather_a_slots(tile, blocked: bool):
+    """(lane, row) of each A element each thread stages (mirrors GatherLoader)."""
+    per_row = tile.threads // tile.BM
+    ea = tile.a_per_thread
+    for tid in range(tile.threads):
+        if blocked:
+            row, first, step = tid // per_row, (tid % per_row) * ea, 1
+        else:
+            row, first, step = tid % tile.BM, tid // tile.BM, per_row
+        for i in range(ea):
+            yield first + i * step, row
+
+
+def _gather_b_slots(tile):
+    """(lane, column) of each B element (mirrors GatherLoader: packed or direct)."""
+    eb = tile.b_per_thread
+    for tid in range(tile.threads):
+        if tile.packed_b:
+            lane, col = tid // (tile.BN // eb), (tid % (tile.BN // eb)) * eb
+            yield from ((lane, col + j) for j in range(eb))
+        else:
+            per_col = tile.threads // tile.BN
+            yield from ((tid // tile.BN + i * per_col, tid % tile.BN) for i in range(eb))
+
+
+def _wgrad_slots(tile, kfast: bool):
+    """(lane, row) of each A element, which is also B's (lane, column) (mirrors WgradLoader)."""
+    for tid in range(tile.threads):
+        for i in range(tile.a_per_thread):
+            if kfast:
+                yield tid % tile.BK, tid // tile.BK + i * (tile.threads // tile.BK)
+            else:
+                yield (tid // tile.BM) * tile.a_per_thread + i, tid % tile.BM
+
+
+@pytest.mark.parametrize("tile", ALL_TILES, ids=str)
+def test_staging_fills_every_shared_slot_once(tile) -> None:
     """Each step, the threads' staged A and B elements fill both shared-memory tiles exactly once."""
-    for rows, per_thread in ((tile.BM, tile.BM * tile.BK // tile.threads), (tile.BN, tile.BN * tile.BK // tile.threads)):
-        slots = np.zeros(rows * tile.BK, int)
-        for tid in range(tile.threads):
-            for i in range(per_thread):
-                e = tid + i * tile.threads
-                lane, row = (e % tile.BK, e // tile.BK) if kfast else (e // rows, e % rows)
-                slots[lane * rows + row] += 1
-        assert (slots == 1).all()
+    layouts = [(tile.BM, list(_gather_a_slots(tile, blocked))) for blocked in (False, True)]
+    layouts.append((tile.BN, list(_gather_b_slots(tile))))
+    layouts += [(tile.BM, list(_wgrad_slots(tile, kfast))) for kfast in (True, False)]
+    for rows, slots in layouts:
+        counts = np.zeros((tile.BK, rows), int)
+        for lane, row in slots:
+            counts[lane, row] += 1
+        assert (counts == 1).all()
 
 
+@pytest.mark.parametrize("split", (False, True), ids=("whole", "split"))
 @pytest.mark.parametrize("problem", GEMM_PROBLEMS, ids=_ids(GEMM_PROBLEMS))
-def test_fprop_grid_writes_every_output_once(problem) -> None:
-    plan = Planner().plan(problem, "fprop")
-    (launch,) = plan.launches
+def test_fprop_grid_writes_every_output_once(problem, split: bool) -> None:
+    plan = (Planner(splits=3) if split else Planner()).plan(problem, "fprop")
+    launch = plan.main
     tile = plan.tile
     assert launch.block == (tile.threads, 1, 1) and launch.shared_mem == tile.shared_bytes(problem.dtype)
-    counts = np.zeros((problem.N, problem.K, *problem.output_size), int)
+    counts = np.zeros((plan.splits, problem.N, problem.K, *problem.output_size), int)
     rows, Kg = problem.N * math.prod(problem.output_size), problem.K_per_group
     for block in range(launch.grid[0]):
         d = describe_block(launch, block)
-        assert d["phase"] == 0 and d["group"] < problem.G
+        assert d["phase"] == 0 and d["group"] < problem.G and d["slice"] < plan.splits
         for m in range(d["tile_m"] * tile.BM, min(rows, (d["tile_m"] + 1) * tile.BM)):
             n, z, p, q = _decode(m, problem.output_size)
             for col in range(d["tile_n"] * tile.BN, min(Kg, (d["tile_n"] + 1) * tile.BN)):
-                counts[n, d["group"] * Kg + col, z, p, q] += 1
+                counts[d["slice"], n, d["group"] * Kg + col, z, p, q] += 1
     assert (counts == 1).all()
+    _check_split_epilogue(plan, problem, "fprop")
 
 
+def _check_split_epilogue(plan, problem, pass_: str) -> None:
+    """A split fprop/dgrad writes slices to the workspace and adds them into the output in order."""
+    p = plan.main.params
+    if plan.splits == 1:
+        assert int(p["epilogue"]) == EPILOGUE_STORE and plan.workspace is None
+        assert plan.launches[-1] is plan.main
+        return
+    outputs = problem.N * (problem.K * math.prod(problem.output_size) if pass_ == "fprop"
+                           else problem.C * math.prod(problem.input_size))
+    assert int(p["epilogue"]) == EPILOGUE_WORKSPACE and int(p["ws_slice_stride"]) == outputs
+    assert plan.workspace.elements == plan.splits * outputs and not plan.workspace.zeroed
+    reduce = plan.launches[-1]
+    assert "splitk_reduce" in reduce.kernel and int(reduce.params["splits"]) == plan.splits
+    assert reduce.args == ("workspace", "bias", "y" if pass_ == "fprop" else "x")
+    assert int(reduce.params["total"]) == outputs == math.prod(reduce.params["out_shape"])
+
+
+def _slices_cover_steps(launch, steps_per_phase) -> None:
+    """Slices [s*split_len, (s+1)*split_len) clipped to each phase's steps cover them once."""
+    p = launch.params
+    split_len, splits = int(p["split_len"]), int(p["splits"])
+    for steps in steps_per_phase:
+        covered = np.zeros(steps, int)
+        for s in range(splits):
+            covered[s * split_len:min(steps, (s + 1) * split_len)] += 1
+        assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("split", (False, True), ids=("whole", "split"))
 @pytest.mark.parametrize("problem", GEMM_PROBLEMS, ids=_ids(GEMM_PROBLEMS))
-def test_dgrad_phases_write_every_input_position_once(problem) -> None:
-    plan = Planner().plan(problem, "dgrad")
-    (launch,) = plan.launches
+def test_dgrad_phases_write_every_input_position_once(problem, split: bool) -> None:
+    plan = (Planner(splits=3) if split else Planner()).plan(problem, "dgrad")
+    launch = plan.main
     tile = plan.tile
     assert int(launch.params["phases"]) == math.prod(problem.stride)
-    counts = np.zeros((problem.N, problem.C, *problem.input_size), int)
+    counts = np.zeros((plan.splits, problem.N, problem.C, *problem.input_size), int)
     Cg = problem.C_per_group
+    steps_per_phase = []
+    for phase in range(int(launch.params["phases"])):
+        axes = [dgrad_phase_axis(problem, a, phi) for a, phi in enumerate(phase_digits(problem, phase))]
+        taps = math.prod(ax["tap_count"] for ax in axes)
+        steps_per_phase.append(taps * -(-problem.K_per_group // tile.BK) if not int(launch.params["red_packed"])
+                               else -(-taps * problem.K_per_group // tile.BK))
+    _slices_cover_steps(launch, steps_per_phase)
     for block in range(launch.grid[0]):
         d = describe_block(launch, block)
         axes = [dgrad_phase_axis(problem, a, phi) for a, phi in enumerate(phase_digits(problem, d["phase"]))]
@@ -166,8 +243,9 @@ def test_dgrad_phases_write_every_input_position_once(problem) -> None:
             n, *index = _decode(m, extents)
             position = [ax["d0"] + i * s for ax, i, s in zip(axes, index, problem.stride)]
             for col in range(d["tile_n"] * tile.BN, min(Cg, (d["tile_n"] + 1) * tile.BN)):
-                counts[(n, d["group"] * Cg + col, *position)] += 1
+                counts[(d["slice"], n, d["group"] * Cg + col, *position)] += 1
     assert (counts == 1).all()
+    _check_split_epilogue(plan, problem, "dgrad")
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=_ids(PROBLEMS))
@@ -234,8 +312,9 @@ def test_wgrad_slices_cover_the_reduction_once_and_tiles_cover_dw(problem, min_s
         assert int(p["epilogue"]) == EPILOGUE_STORE and plan.workspace is None and len(plan.launches) == 1
     else:
         reduce = plan.launches[1]
-        assert reduce.args == ("workspace", "w")
+        assert reduce.args == ("workspace", "bias", "w")
         assert int(reduce.params["total"]) == problem.K * cols
+        assert tuple(reduce.params["out_shape"]) == (problem.K, problem.C_per_group, *problem.kernel_size)
         if problem.deterministic:
             assert int(p["epilogue"]) == EPILOGUE_WORKSPACE
             assert plan.workspace.elements == splits * problem.K * cols and not plan.workspace.zeroed
@@ -311,10 +390,18 @@ def test_params_carry_the_problem() -> None:
 
 
 def test_tile_choice() -> None:
+    """The small tile for small GEMMs, the 64-wide tile where the GEMM is 64 wide, the large one otherwise."""
     planner = Planner()
     assert planner.plan(_problem(2, 2, 3, 4, (7, 9), (3, 3)), "fprop").tile == SMALL_TILE
-    assert planner.plan(_problem(2, 8, 64, 64, (28, 28), (3, 3), padding=1), "fprop").tile == LARGE_TILES["float32"]
-    big64 = _problem(2, 8, 64, 64, (28, 28), (3, 3), padding=1, dtype="float64")
+    # K = 64: a 128-wide tile would spend half its multiply-adds on padding.
+    narrow = _problem(2, 32, 64, 64, (56, 56), (3, 3), padding=1)
+    assert planner.plan(narrow, "fprop").tile == NARROW_TILES["float32"]
+    # K = 192: 128-wide tiles would pad a quarter of the columns; 64 divides it.
+    odd = _problem(2, 32, 192, 192, (28, 28), (3, 3), padding=1)
+    assert planner.plan(odd, "fprop").tile == NARROW_TILES["float32"]
+    wide = _problem(2, 32, 256, 256, (28, 28), (3, 3), padding=1)
+    assert planner.plan(wide, "fprop").tile != SMALL_TILE
+    big64 = _problem(2, 32, 256, 256, (28, 28), (3, 3), padding=1, dtype="float64")
     assert planner.plan(big64, "fprop").tile == LARGE_TILES["float64"]
 
 
@@ -378,7 +465,7 @@ def _channels_last_fprop_params(x: np.ndarray, channels: int):
     backend = CupyHostBackend(runner=runner)
     w = np.zeros((4, 3, 3, channels), np.float32)
     convgrad.conv2d(x, w, padding=1, channels_last=True, backend=backend)
-    ((name, args),) = runner.launches
+    ((name, args),) = [(name, args) for name, args in runner.launches if "fprop_gemm" in name]
     return name, args[0]
 
 
@@ -409,10 +496,120 @@ def test_vector_width_mirrors_the_kernel() -> None:
 
 
 def test_wgrad_staging_follows_the_layout() -> None:
-    """Reduction-fastest staging for NCHW, channel-fastest (tap-major columns) for channels-last."""
-    planner = Planner()
+    """Reduction-fastest staging for NCHW, channel-fastest (tap-major columns) for channels-last;
+    the small tile has only the first."""
+    planner = Planner(tiles=(LARGE_TILES["float32"],))
     nchw = _problem(2, 2, 8, 4, (5, 6), (3, 3), padding=1).with_strides((240, 30, 0, 6, 1), (72, 9, 0, 3, 1),
                                                                        (120, 30, 0, 6, 1))
-    assert int(planner.plan(nchw, "wgrad").launches[0].params["a_kfast"]) == 1
+    assert planner.plan(nchw, "wgrad").main.kernel.endswith(", true>")
     nhwc = nchw.with_strides((240, 1, 0, 48, 8), (72, 1, 0, 24, 8), (120, 1, 0, 24, 4))
-    assert int(planner.plan(nhwc, "wgrad").launches[0].params["a_kfast"]) == 0
+    assert planner.plan(nhwc, "wgrad").main.kernel.endswith(", false>")
+    assert Planner(tiles=(SMALL_TILE,)).plan(nhwc, "wgrad").main.kernel.endswith(", true>")
+
+
+def test_fast_divisor_divides() -> None:
+    rng = np.random.default_rng(3)
+    divisors = [1, 2, 3, 5, 7, 9, 49, 64, 147, 1000, 2**20 + 1, 2**30 - 1]
+    numbers = np.concatenate([np.arange(0, 2000), rng.integers(0, 2**31, 2000), [2**31 - 1]]).astype(object)
+    for d in divisors:
+        mul, shift = fast_divisor(d)
+        assert mul < 2**33
+        assert all((n * mul) >> shift == n // d for n in numbers), d
+    with pytest.raises(ValueError, match="divisor"):
+        fast_divisor(0)
+
+
+def test_small_channel_counts_pack_taps_into_each_step() -> None:
+    """C = 3 (the stem): the (tap, channel) pairs are flattened, 147 of them in 19 steps, not 49."""
+    stem = _problem(2, 32, 3, 64, (224, 224), (7, 7), stride=2, padding=3)
+    plan = Planner().plan(stem, "fprop")
+    assert plan.tile.packed_b and int(plan.main.params["red_packed"]) == 1
+    assert int(plan.main.params["b_chunk"]) == 3
+    steps = int(plan.main.params["split_len"]) * plan.splits
+    assert -(-147 // 8) <= steps < 49
+    mul, shift = fast_divisor(3)
+    assert (int(plan.main.params["div_mul"][0]), int(plan.main.params["div_shift"][0])) == (mul, shift)
+    # dgrad with a stride has several phases: it keeps channel chunks per tap.
+    assert int(Planner().plan(stem, "dgrad").main.params["red_packed"]) == 0
+
+
+def test_packed_weight_launch_and_size() -> None:
+    problem = _problem(2, 32, 256, 256, (28, 28), (3, 3), padding=1)
+    plan = Planner().plan(problem, "fprop")
+    pack, gemm = plan.launches[0], plan.main
+    assert "pack_weight" in pack.kernel and pack.args == ("w", "packed") and "packed" in gemm.args
+    rows = 9 * -(-256 // plan.tile.BK) * plan.tile.BK
+    assert plan.packed.elements == int(pack.params["total"]) == rows * int(gemm.params["b_ld"])
+    assert int(gemm.params["b_ld"]) % plan.tile.BN == 0 and int(gemm.params["b_ld"]) >= 256
+
+
+def test_workspaces_stay_under_the_cap() -> None:
+    """The packed weight and the split-K partial sums together fit workspace_mb; with too little
+    room the small tile reads the weight directly and nothing is split."""
+    problem = _problem(2, 32, 512, 512, (7, 7), (3, 3), padding=1)
+    for mb in (1, 4, 16, 256):
+        with convgrad.config(workspace_mb=mb):
+            for pass_ in ("fprop", "dgrad", "wgrad"):
+                plan = Planner().plan(problem, pass_)
+                used = (plan.packed.elements * 4 if plan.packed else 0) + (
+                    plan.workspace.elements * 4 if plan.workspace else 0)
+                assert used <= mb * 2**20, (mb, pass_, used)
+    with convgrad.config(workspace_mb=1):
+        plan = Planner().plan(problem, "fprop")
+        assert plan.tile == SMALL_TILE and plan.packed is None and plan.splits == 1
+
+
+def _resnet50_problems():
+    from convgrad.bench import SUITES
+
+    suite = SUITES["resnet50"]
+    return [pytest.param(layer, channels_last, id=f"{layer.name}-{'nhwc' if channels_last else 'nchw'}")
+            for layer in suite.layers for channels_last in (False, True)]
+
+
+@pytest.mark.parametrize("sm_count", (108, 132))
+@pytest.mark.parametrize(("layer", "channels_last"), _resnet50_problems())
+def test_resnet50_main_gemms_fill_their_waves(layer, channels_last: bool, sm_count: int) -> None:
+    """Every ResNet-50 convolution at batch 32: each pass's GEMM launch at >= 90% wave efficiency."""
+    problem = layer.problem(32, "float32", channels_last)
+    planner = Planner(sm_count=sm_count)
+    for pass_ in ("fprop", "dgrad", "wgrad"):
+        plan = planner.plan(problem, pass_)
+        choice = planner.choose_gemm(problem, pass_)
+        ctas = plan.main.grid[0]
+        assert ctas == choice.ctas
+        efficiency = wave_efficiency(ctas, sm_count, choice.ctas_per_sm)
+        assert efficiency >= 0.9, (pass_, plan.tile, plan.splits, ctas, efficiency)
+
+
+def test_plans_follow_the_sm_count() -> None:
+    """The same layer is split differently for 108 and 132 SMs, each filling its own waves."""
+    problem = _problem(2, 32, 512, 512, (7, 7), (3, 3), padding=1)
+    small, large = Planner(sm_count=108), Planner(sm_count=132)
+    a, b = small.choose_gemm(problem, "fprop"), large.choose_gemm(problem, "fprop")
+    assert (a.splits, a.tile) != (b.splits, b.tile) or a.ctas != b.ctas
+    assert wave_efficiency(a.ctas, 108, a.ctas_per_sm) >= 0.9 and wave_efficiency(b.ctas, 132, b.ctas_per_sm) >= 0.9
+    # A per-call count overrides the planner's own.
+    assert large.choose_gemm(problem, "fprop", sm_count=108) == a
+    with pytest.raises(ValueError, match="sm_count"):
+        Planner(sm_count=0)
+
+
+def test_kernel_backend_asks_its_device_for_the_sm_count() -> None:
+    """The backend passes the SM count of the device holding the arrays to the planner."""
+    from convgrad.backends.cupy_backend import CupyHostBackend
+
+    seen = []
+
+    class Counting(CupyHostBackend):
+        def _sm_count(self, like):
+            return 108
+
+    class Recording(Planner):
+        def plan(self, problem, pass_, *, has_bias=False, sm_count=None):
+            seen.append(sm_count)
+            return super().plan(problem, pass_, has_bias=has_bias, sm_count=sm_count)
+
+    backend = Counting(runner=_RecordingRunner(), planner=Recording())
+    convgrad.conv2d(np.zeros((1, 2, 5, 5), np.float32), np.zeros((3, 2, 3, 3), np.float32), backend=backend)
+    assert seen == [108]

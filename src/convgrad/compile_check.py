@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
+import multiprocessing
 import os
 import re
 import sys
@@ -81,8 +83,20 @@ def _program_log(nvrtc, program) -> str:
     return buffer.rstrip(b"\x00 ").decode(errors="replace")
 
 
-def _compile_source(source: str, specs: Sequence[KernelSpec], arch: str, options: Sequence[str]) -> list[dict]:
-    """Compile the instantiations ``specs`` of one source for one architecture; one row each."""
+def _cubin(nvrtc, program) -> bytes:
+    _, size = nvrtc.nvrtcGetCUBINSize(program)
+    buffer = b" " * size
+    nvrtc.nvrtcGetCUBIN(program, buffer)
+    return bytes(buffer)
+
+
+def _compile_source(source: str, specs: Sequence[KernelSpec], arch: str, options: Sequence[str],
+                    sass: bool = False) -> list[dict]:
+    """Compile the instantiations ``specs`` of one source for one architecture; one row each.
+
+    One NVRTC run gives both the ptxas report and, with ``sass``, the cubin that
+    :mod:`convgrad.sass_report` reads: each instantiation is compiled once per architecture.
+    """
     from cuda.bindings import nvrtc
 
     rows = []
@@ -101,6 +115,7 @@ def _compile_source(source: str, specs: Sequence[KernelSpec], arch: str, options
             first = "; ".join(line.strip() for line in log.splitlines() if "error" in line)[:500] or str(result)
             return [_row(spec, arch, error=f"compilation failed: {first}") for spec in specs]
         report = parse_ptxas_report(log)
+        lowered_names = {}
         for spec in specs:
             err, lowered = nvrtc.nvrtcGetLoweredName(program, spec.name.encode())
             name = lowered.decode() if isinstance(lowered, bytes) else str(lowered)
@@ -108,24 +123,53 @@ def _compile_source(source: str, specs: Sequence[KernelSpec], arch: str, options
             if err != nvrtc.nvrtcResult.NVRTC_SUCCESS or info is None:
                 rows.append(_row(spec, arch, error="no ptxas report for this instantiation"))
                 continue
+            lowered_names[spec.name] = name
             error = None
             if info["spill"] and not spec.may_spill:
                 error = f"{info['spill']} bytes of register spills in a kernel that must not spill"
             rows.append(_row(spec, arch, registers=info["registers"],
                              shared=info["static_shared"] + spec.dynamic_shared_bytes,
-                             spill=info["spill"], error=error))
+                             spill=info["spill"], stack=info["stack"], error=error))
+        if sass:
+            _attach_sass(rows, specs, arch, lowered_names, _cubin(nvrtc, program))
     finally:
         nvrtc.nvrtcDestroyProgram(program)
     return rows
 
 
-def _row(spec: KernelSpec, arch: str, *, registers: int = 0, shared: int = 0, spill: int = 0,
+def _attach_sass(rows: list[dict], specs: Sequence[KernelSpec], arch: str, lowered: dict[str, str],
+                 cubin: bytes) -> None:
+    """Add the SASS report of each compiled instantiation to its row (``row["sass"]``)."""
+    from . import sass_report
+
+    wanted = [{"kernel": spec.name, "mangled": lowered[spec.name], "threads": spec.threads,
+               "dynamic_shared": spec.dynamic_shared_bytes, "gemm": spec.gemm, "math_per_step": spec.math_per_step,
+               "required_ops": spec.required_ops, "min_blocks_per_sm": spec.min_blocks_per_sm, "spill": 0}
+              for spec in specs if spec.name in lowered]
+    by_name = {row["kernel"]: row for row in rows}
+    for k in wanted:
+        k["spill"] = by_name[k["kernel"]]["spill_bytes"]
+        k["static_shared"] = by_name[k["kernel"]]["shared_bytes"] - k["dynamic_shared"]
+    for sass_row in sass_report.analyse_cubin(cubin, wanted, arch):
+        row = by_name[sass_row.kernel]
+        row["sass"] = sass_row.as_dict()
+        if sass_row.problems and row["ok"]:
+            row["ok"] = False
+            row["error"] = "SASS: " + "; ".join(sass_row.problems)
+
+
+def _row(spec: KernelSpec, arch: str, *, registers: int = 0, shared: int = 0, spill: int = 0, stack: int = 0,
          error: str | None = None) -> dict:
     return {"kernel": spec.name, "source": spec.source, "arch": arch, "registers": registers,
-            "shared_bytes": shared, "spill_bytes": spill, "ok": error is None, "error": error}
+            "shared_bytes": shared, "spill_bytes": spill, "stack_bytes": stack, "ok": error is None, "error": error}
 
 
-def compile_check(archs: Iterable[str] = DEFAULT_ARCHS) -> list[dict]:
+def _compile_job(job: tuple) -> list[dict]:
+    return _compile_source(*job)
+
+
+def compile_check(archs: Iterable[str] = DEFAULT_ARCHS, *, sass: bool = False,
+                  workers: int | None = None) -> list[dict]:
     """Compile every instantiation the ``cupy`` backend can launch, for each architecture.
 
     Uses NVRTC through ``cuda.bindings.nvrtc`` with the same sources and exactly the option
@@ -136,35 +180,58 @@ def compile_check(archs: Iterable[str] = DEFAULT_ARCHS) -> list[dict]:
     ----------
     archs : iterable of str
         Real architectures, e.g. ``("sm_80", "sm_90")``.
+    sass : bool
+        Also read each cubin's SASS (:mod:`convgrad.sass_report`; needs ``cuobjdump`` and
+        ``nvdisasm``): every row gets a ``sass`` entry, and a GEMM kernel with a stack frame
+        or a local-memory instruction, or a kernel without its required opcodes, fails.
+    workers : int, optional
+        Worker processes (default: one per CPU).  Each compiles whole programs and reads
+        their SASS itself, so the Python parsing of the disassembly runs in parallel too.
 
     Returns
     -------
     list of dict
         One row per kernel × architecture: ``kernel`` (name expression), ``source``, ``arch``,
         ``registers``, ``shared_bytes`` (static plus the largest dynamic amount the planner
-        requests), ``spill_bytes``, ``ok`` and ``error`` (None, or why the row failed: a
-        compilation error, or a spill in a kernel that must not spill).
+        requests), ``spill_bytes``, ``stack_bytes``, ``ok`` and ``error`` (None, or why the
+        row failed), and with ``sass`` the ``sass`` dict of a
+        :class:`~convgrad.sass_report.SassRow`.
 
     Raises
     ------
     RuntimeError
-        If NVRTC is not available (see :func:`nvrtc_available`).
+        If NVRTC is not available (see :func:`nvrtc_available`), or with ``sass`` if the
+        binary utilities are missing.
     """
     reason = nvrtc_available()
     if reason:
         raise RuntimeError(reason)
+    if sass:
+        from .sass_report import tools_available
+
+        missing = tools_available()
+        if missing:
+            raise RuntimeError(missing)
     major = _nvrtc_major()
     by_source: dict[str, list[KernelSpec]] = {}
     for spec in launchable_kernels():
         by_source.setdefault(spec.source, []).append(spec)
-    # NVRTC programs of at most _NAMES_PER_PROGRAM instantiations each, per architecture,
-    # compiled concurrently (NVRTC releases the GIL); rows come back in a fixed order.
-    jobs = [(source, specs[i:i + _NAMES_PER_PROGRAM], arch) for arch in archs for source, specs in by_source.items()
-            for i in range(0, len(specs), _NAMES_PER_PROGRAM)]
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: _compile_source(job[0], job[1], job[2], nvrtc_options(job[2], major)),
-                                jobs))
+    # NVRTC programs of at most _NAMES_PER_PROGRAM instantiations each, per architecture;
+    # the GEMM programs (the slow ones) first so that the pool ends evenly.
+    jobs = [(source, tuple(specs[i:i + _NAMES_PER_PROGRAM]), arch, nvrtc_options(arch, major), sass) for arch in archs
+            for source, specs in by_source.items() for i in range(0, len(specs), _NAMES_PER_PROGRAM)]
+    order = sorted(range(len(jobs)), key=lambda j: not any(spec.gemm for spec in jobs[j][1]))
+    count = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    results: list[list[dict]] = [[] for _ in jobs]
+    if count == 1:
+        for j in order:
+            results[j] = _compile_job(jobs[j])
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=count, mp_context=context) as pool:
+            futures = {j: pool.submit(_compile_job, jobs[j]) for j in order}
+            for j, future in futures.items():
+                results[j] = future.result()
     return [row for rows in results for row in rows]
 
 
@@ -200,11 +267,16 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--compile-only`` and ``--arch`` to a ``convgrad check`` argument parser."""
+    """Add ``--compile-only``, ``--arch``, ``--sass`` and ``--json`` to a ``convgrad check`` argument parser."""
     parser.add_argument("--compile-only", action="store_true",
                         help="compile every CUDA kernel instantiation through NVRTC (no GPU needed) and report resources")
     parser.add_argument("--arch", default=",".join(DEFAULT_ARCHS),
                         help="comma-separated real architectures for --compile-only (default: %(default)s)")
+    parser.add_argument("--sass", action="store_true",
+                        help="with --compile-only: read the SASS (cuobjdump/nvdisasm) for stack frames, local memory, "
+                             "occupancy and the main loop's instruction mix")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="with --compile-only: also write the rows as JSON to PATH")
 
 
 def parse_archs(text: str) -> tuple[str, ...]:
@@ -217,18 +289,29 @@ def parse_archs(text: str) -> tuple[str, ...]:
 
 
 def run_compile_check(args: argparse.Namespace) -> int:
-    """Run :func:`compile_check` for ``args.arch``, print the table; non-zero on any error."""
+    """Run :func:`compile_check` for ``args.arch``, print the table(s); non-zero on any error."""
     try:
         archs = parse_archs(getattr(args, "arch", None) or ",".join(DEFAULT_ARCHS))
     except ValueError as exc:
         print(f"convgrad check: {exc}", file=sys.stderr)
         return 2
+    sass = bool(getattr(args, "sass", False))
     try:
-        rows = compile_check(archs)
+        rows = compile_check(archs, sass=sass)
     except RuntimeError as exc:
         print(f"convgrad check --compile-only: {exc}", file=sys.stderr)
         return 1
     print(format_table(rows))
+    if sass:
+        from .sass_report import format_sass_table
+
+        print("\nSASS (static; per reduction step of the main loop's steady-state path):")
+        print(format_sass_table([row["sass"] for row in rows if "sass" in row]))
+    json_path = getattr(args, "json", None)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump({"archs": list(archs), "sass": sass, "rows": rows}, handle, indent=1)
+        print(f"\nJSON written to {json_path}")
     failed = [row for row in rows if not row["ok"]]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} kernel x architecture builds passed"
           + (f"; {len(failed)} failed" if failed else ""))

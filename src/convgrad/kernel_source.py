@@ -180,9 +180,23 @@ def _cupy_include_options() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One launchable instantiation: which source, its name expression, what it may use."""
+    """One launchable instantiation: which source, its name expression, what it may use.
+
+    The SASS report (:mod:`convgrad.sass_report`) reads the rest: ``threads`` per block (for
+    the occupancy), ``gemm`` (a GEMM kernel must have no stack frame and no local-memory
+    instruction, and has a main loop whose instruction mix is reported), ``math_per_step``
+    (multiply-add instructions one thread issues per reduction step, to turn an unrolled
+    main loop into per-step figures) and ``required_ops`` (SASS opcodes that must appear,
+    e.g. ``("HMMA", "LDGSTS")`` for a tensor-core kernel) and ``min_blocks_per_sm`` (the
+    occupancy the planner counts on; the report fails a kernel that does not reach it).
+    """
 
     source: str
     name: str
     dynamic_shared_bytes: int
     may_spill: bool = False
+    threads: int = 0
+    gemm: bool = False
+    math_per_step: int | None = None
+    required_ops: tuple[str, ...] = ()
+    min_blocks_per_sm: int = 0

@@ -95,12 +95,27 @@ def tc_reduce_kernel(dtype: str) -> str:
     return f"convgrad::tc_splitk_reduce<{TC_CTYPES[dtype]}>"
 
 
+#: WMMA k-extent per dtype (m16n16k16 for 16-bit inputs, m16n16k8 for TF32), and the HMMA
+#: instructions one such WMMA multiply becomes in the sm_80/sm_90 SASS (m16n8k16 and m16n8k8 halves).
+_WMMA_K = {"float16": 16, "bfloat16": 16, "float32": 8}
+_HMMA_PER_WMMA = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def hmma_per_step(dtype: str, config: TcConfig) -> int:
+    """HMMA instructions a warp issues per k-tile: its WM x WN fragments times BK / k, each a few HMMA."""
+    fragments = (config.WM // 16) * (config.WN // 16) * (config.BK // _WMMA_K[dtype])
+    return fragments * _HMMA_PER_WMMA[dtype]
+
+
 def tensor_core_kernels() -> list[KernelSpec]:
-    """Every tensor-core instantiation the planner can launch."""
+    """Every tensor-core instantiation the planner can launch, with what the SASS report must find:
+    HMMA and LDGSTS instructions, no stack frame and no local memory."""
     specs = []
     for dtype in TC_CONFIGS:
         for pass_ in TC_PASSES:
             for config in configs_for(dtype, pass_):
-                specs.append(KernelSpec(SOURCE_TENSOR_CORE, tc_kernel(pass_, dtype, config), config.shared_bytes(dtype)))
-        specs.append(KernelSpec(SOURCE_TENSOR_CORE, tc_reduce_kernel(dtype), 0))
+                specs.append(KernelSpec(SOURCE_TENSOR_CORE, tc_kernel(pass_, dtype, config), config.shared_bytes(dtype),
+                                        threads=config.threads, gemm=True, math_per_step=hmma_per_step(dtype, config),
+                                        required_ops=("HMMA", "LDGSTS")))
+        specs.append(KernelSpec(SOURCE_TENSOR_CORE, tc_reduce_kernel(dtype), 0, threads=REDUCE_THREADS))
     return specs

@@ -10,8 +10,9 @@ slices, workspaces, the packed parameter struct); a
 * ``cupy-host``: ``convgrad.cuda_host.HostRunner``, the same sources compiled with g++
   against an emulation of CUDA and run on the CPU, for CI.
 
-This module holds what the two backends add to a plan: the arrays (workspaces, staging,
-the pointer-alignment check of the vector path) and the launches in order.
+This module holds what the two backends add to a plan: the arrays (workspaces, the packed
+weight, staging, the pointer-alignment check of the vector path), the device's SM count,
+and the launches in order.
 
 Algorithms (kernels/*.cu; each file's header has the formulas and launch geometry):
 
@@ -19,11 +20,12 @@ Algorithms (kernels/*.cu; each file's header has the formulas and launch geometr
   implicit GEMM (``tensor_core_gemm.cu``, WMMA with a cp.async pipeline), planned by
   ``tensor_core_planner``; dgrad by stride phases, wgrad with deterministic split-K;
 * otherwise (and where the tensor cores cannot run a problem): SIMT implicit GEMM
-  (``implicit_gemm.cu``), one template per pass
-  instantiated per dtype and tile shape; dgrad runs one GEMM per stride phase so no multiply
-  is spent on taps the stride skips; wgrad splits its long reduction (N·Z·P·Q) into slices
-  whose partial sums go to a workspace and are added in a fixed order (``splitk_reduce.cu``),
-  or with ``deterministic=False`` are added atomically;
+  (``implicit_gemm.cu``), one template per pass instantiated per dtype and tile shape (32,
+  64 and 128 wide, chosen for the device's SM count); fprop and dgrad read the weight packed
+  once per call (``weight_pack.cu``) on the larger tiles; dgrad runs one GEMM per stride
+  phase so no multiply is spent on taps the stride skips; any pass may split its reduction
+  into slices whose partial sums go to a workspace and are added in a fixed order
+  (``splitk_reduce.cu``), or, for wgrad with ``deterministic=False``, atomically;
 * depthwise (``groups == C``, any channel multiplier): direct kernels (``depthwise.cu``);
 * the bias of fprop is fused; the bias of conv_transpose is a small kernel (``bias.cu``);
 * on the GPU, a 1×1 stride-1 unpadded channels-last fprop that the tensor cores do not run
@@ -159,6 +161,9 @@ class _KernelBackend(Backend):
             full["workspace"] = self._zeros(plan.workspace.elements, plan.workspace.dtype, like)
         else:
             full["workspace"] = self._empty(plan.workspace.elements, plan.workspace.dtype, like)
+        if plan.packed is not None:
+            # The packed weight, in the weight's own dtype (bfloat16 may be held as its bits).
+            full["packed"] = self._empty(plan.packed.elements, like.dtype, like)
         return full
 
     def _seconds(self, plan: Plan, arguments: dict[str, Any], out_role: str) -> float:
@@ -167,8 +172,11 @@ class _KernelBackend(Backend):
 
     def _plan(self, problem: ConvProblem, pass_: str, tensors: dict[str, Any], bias: Any, out_role: str) -> Plan:
         """The planner's plan; with autotuning on a GPU, the fastest tensor-core configuration."""
-        device = self._device_model(tensors["w"]) or DEFAULT_DEVICE
-        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, device=device)
+        model = self._device_model(tensors["w"])
+        device = model or DEFAULT_DEVICE
+        # The SIMT planner counts the real device's SMs, else its own default.
+        plan = self.planner.plan(problem, pass_, has_bias=bias is not None, device=device,
+                                 sm_count=model.sm_count if model is not None else None)
         if not (self.autotunes and plan.algorithm == "tensor-core" and options.get("autotune")):
             return plan
         tensor_cores = self.planner.tensor_cores

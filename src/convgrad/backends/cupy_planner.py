@@ -23,17 +23,23 @@ from ..kernel_catalog import (
     ELEMENTWISE_THREADS,
     ITEMSIZE,
     LARGE_TILES,
+    NARROW_TILES,
     SMALL_TILE,
     SOURCE_BIAS,
     SOURCE_DEPTHWISE,
     SOURCE_GEMM,
+    SOURCE_PACK,
     SOURCE_REDUCE,
     Tile,
     bias_kernel,
+    ctas_per_sm,
     depthwise_kernel,
     depthwise_wgrad_shared_bytes,
     gemm_kernel,
+    gemm_tiles,
+    pack_kernel,
     reduce_kernel,
+    wgrad_stagings,
 )
 from ..problem import ConvProblem
 from ..tensor_core_catalog import TcConfig
@@ -48,8 +54,9 @@ PARAM_FIELDS: tuple[tuple[str, int], ...] = (
     ("stride", 3), ("dilation", 3), ("pad", 3), ("tap_step", 3),
     ("x_stride", 5), ("w_stride", 5), ("y_stride", 5),
     ("tiles_m", 1), ("tiles_n", 1), ("phases", 1), ("splits", 1), ("split_len", 1), ("ws_slice_stride", 1),
-    ("epilogue", 1), ("has_bias", 1), ("a_kfast", 1), ("b_kfast", 1), ("a_vec", 1), ("channels_fastest", 1),
-    ("total", 1), ("b_vec", 1), ("out_nfast", 1),
+    ("epilogue", 1), ("has_bias", 1), ("a_blocked", 1), ("a_vec", 1), ("out_cfast", 1), ("red_packed", 1),
+    ("b_ld", 1), ("b_chunk", 1), ("div_mul", 3), ("div_shift", 3),
+    ("channels_fastest", 1), ("total", 1), ("b_vec", 1), ("out_nfast", 1), ("out_shape", 5), ("out_stride", 5),
 )
 PARAM_DTYPE = np.dtype(
     [(name, "<i8") if count == 1 else (name, "<i8", (count,)) for name, count in PARAM_FIELDS], align=True
@@ -60,6 +67,29 @@ EPILOGUE_STORE, EPILOGUE_WORKSPACE, EPILOGUE_ATOMIC = 0, 1, 2
 MAX_EXTENT = 2**30
 MAX_GRID = 2**31 - 1
 MAX_ELEMENTWISE_BLOCKS = 2**16
+#: The longest wgrad reduction slice (its kernel counts it in 32 bits).
+MAX_WGRAD_SLICE = 2**31 - 2**10
+
+#: SMs assumed where the device cannot be asked (``cupy-host``): an H100 SXM's count.
+DEFAULT_SM_COUNT = 132
+
+# The static cost model the planner ranks (tile, split-K) choices with, in SM cycles.  The
+# figures are rough and static (no GPU has timed them): SIMT FP32 multiply-adds an SM
+# issues per cycle, and global-memory bytes the whole device moves per cycle.
+FMA_PER_SM_CYCLE = 64
+BYTES_PER_CYCLE = 1000
+#: Bytes the L2 cache serves the whole device per cycle (every CTA's tile loads pass through it).
+L2_BYTES_PER_CYCLE = 4000
+#: What one more kernel launch (the weight packing, the split-K reduction) costs, in cycles (a few microseconds).
+LAUNCH_CYCLES = 10000
+#: Wave efficiency the planner holds a GEMM launch to when some configuration reaches it.
+WAVE_TARGET = 0.9
+#: Multiply-add throughput of each tile's main loop relative to the large tile's: the SASS
+#: report's steady-state FFMA shares of the fp32 fprop main loops on sm_80 (small 49.6%,
+#: narrow 78.2%, large 83.0%).
+TILE_SPEED = {"small": 0.6, "narrow": 0.94, "large": 1.0}
+#: Shortest split-K slice of fprop and dgrad, in reduction steps.
+MIN_SPLIT_STEPS = 8
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,7 +128,11 @@ class Workspace:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything needed to run one pass: launches in order, and the workspace."""
+    """Everything needed to run one pass: launches in order, and the workspaces.
+
+    ``workspace``: split-K partial sums (accumulator dtype); ``packed``: the packed weight
+    (the weight's dtype; ``elements`` of it), read by the GEMM as ``"packed"``.
+    """
 
     pass_: str
     algorithm: str  # "gemm" or "depthwise"
@@ -108,13 +142,36 @@ class Plan:
     splits: int = 1
     #: The tile configuration of a tensor-core plan (``algorithm == "tensor-core"``).
     tensor_core: TcConfig | None = None
+    packed: Workspace | None = None
+
+    @property
+    def main(self) -> Launch:
+        """The launch that does the pass's arithmetic (the GEMM, or the depthwise kernel)."""
+        return next(launch for launch in self.launches
+                    if launch.source in (SOURCE_GEMM, SOURCE_DEPTHWISE))
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """A tile and a split-K count for one GEMM, with what the cost model says of them."""
+
+    tile: Tile
+    kfast: bool
+    splits: int
+    split_len: int
+    ctas: int
+    waves: int
+    wave_efficiency: float
+    ctas_per_sm: int
+    cycles: float
+    packed_elements: int
+    workspace_elements: int
 
 
 def vector_width(dtype: str, tile: Tile) -> int:
     """Channels per fast-path vector load (mirrors GatherLoader::VEC): 16 bytes, at most the
-    elements a thread stages per step and at most BK."""
-    staged = tile.BM * tile.BK // tile.threads
-    return min(16 // ITEMSIZE[dtype], staged, tile.BK)
+    A lanes a thread stages per step."""
+    return min(16 // ITEMSIZE[dtype], tile.a_per_thread)
 
 
 def _depthwise_batch(dtype: str) -> tuple[str, ...]:
@@ -164,8 +221,24 @@ def describe_block(launch: Launch, block: int) -> dict[str, int]:
     block //= int(p["tiles_n"])
     if "wgrad" in launch.kernel:
         return {"tile_m": tile_m, "tile_n": tile_n, "phase": 0, "group": block % int(p["G"]), "slice": block // int(p["G"])}
-    return {"tile_m": tile_m, "tile_n": tile_n, "phase": block % int(p["phases"]), "group": block // int(p["phases"]),
-            "slice": 0}
+    phase = block % int(p["phases"])
+    block //= int(p["phases"])
+    return {"tile_m": tile_m, "tile_n": tile_n, "phase": phase, "group": block % int(p["G"]), "slice": block // int(p["G"])}
+
+
+def fast_divisor(d: int) -> tuple[int, int]:
+    """``(mul, shift)`` with ``n // d == (n * mul) >> shift`` for ``0 <= n < 2**31`` (mirrors fast_divide
+    in implicit_gemm.cu): with ``l = ceil(log2 d)``, ``mul = 2**(31+l) // d + 1``, ``shift = 31 + l``."""
+    if d < 1:
+        raise ValueError(f"divisor must be at least 1, got {d}")
+    shift = 31 + (d - 1).bit_length()
+    return (1 << shift) // d + 1, shift
+
+
+def wave_efficiency(ctas: int, sm_count: int, ctas_per_sm: int) -> float:
+    """CTAs / (waves x SMs x CTAs per SM), waves = ceil(CTAs / (SMs x CTAs per SM))."""
+    slots = sm_count * ctas_per_sm
+    return ctas / (_ceil_div(ctas, slots) * slots) if ctas else 0.0
 
 
 def _abs_strides(strides: Sequence[int] | None) -> tuple[int, ...]:
@@ -190,25 +263,37 @@ class Planner:
 
     Parameters
     ----------
+    sm_count : int
+        SMs of the device (the ``cupy`` backend passes the device's own count per call).
     target_blocks : int
-        Blocks a split-K launch aims for (enough to fill a large GPU a few times over).
+        Blocks a split depthwise wgrad aims for.
     min_split_len : int
         Shortest reduction slice of a split-K implicit-GEMM wgrad.
     depthwise_min_split_len : int
         Shortest reduction slice of a split depthwise wgrad.
     max_splits : int
         Most split-K slices.
+    tiles : sequence of Tile, optional
+        Restrict the implicit-GEMM tiles to these (for tests that force a configuration).
+    splits : int, optional
+        Force this many split-K slices where the reduction allows (for tests).
     tensor_cores : TensorCorePlanner, optional
         Consulted first for every non-depthwise problem (``backends.tensor_core_planner``);
         None plans SIMT kernels only.
     """
 
-    def __init__(self, *, target_blocks: int = 512, min_split_len: int = 512, depthwise_min_split_len: int = 4096,
-                 max_splits: int = 128, tensor_cores=None) -> None:
+    def __init__(self, *, sm_count: int = DEFAULT_SM_COUNT, target_blocks: int = 512, min_split_len: int = 128,
+                 depthwise_min_split_len: int = 4096, max_splits: int = 512, tiles: Sequence[Tile] | None = None,
+                 splits: int | None = None, tensor_cores=None) -> None:
+        if sm_count < 1:
+            raise ValueError(f"sm_count must be at least 1, got {sm_count}")
+        self.sm_count = sm_count
         self.target_blocks = target_blocks
         self.min_split_len = min_split_len
         self.depthwise_min_split_len = depthwise_min_split_len
         self.max_splits = max_splits
+        self.tiles = tuple(tiles) if tiles is not None else None
+        self.forced_splits = splits
         self.tensor_cores = tensor_cores
 
     # -- what can run
@@ -237,41 +322,187 @@ class Planner:
         return None
 
     def _grid_blocks(self, problem: ConvProblem, pass_: str) -> int:
-        """The largest 1-D grid a pass launches (without split-K, which only ever fits under the cap)."""
+        """The fewest blocks a pass can be launched with (the largest tile, no split-K)."""
         if problem.is_depthwise:
             return math.prod(problem.kernel_size) * problem.K if pass_ == "wgrad" else 1
-        rows, cols, tile = self._gemm_shape(problem, pass_)
-        phases = math.prod(problem.stride) if pass_ == "dgrad" else 1
-        return _ceil_div(rows, tile.BM) * _ceil_div(cols, tile.BN) * phases * problem.G
+        shape = self._gemm_geometry(problem, pass_)
+        tile = LARGE_TILES[problem.dtype]
+        return _ceil_div(shape["rows"], tile.BM) * _ceil_div(shape["cols"], tile.BN) * shape["phases"] * problem.G
 
     # -- choices
 
-    def choose_tile(self, dtype: str, rows: int, cols: int) -> Tile:
-        """The large tile when the GEMM is big in both directions, else the small one."""
-        large = LARGE_TILES[dtype]
-        if rows >= large.BM // 2 and cols >= large.BN // 2 and rows * cols >= 2 * large.BM * large.BN:
-            return large
-        return SMALL_TILE
+    def _gemm_geometry(self, problem: ConvProblem, pass_: str) -> dict[str, int]:
+        """The GEMM of a pass: rows (the largest phase's), columns, reduction channels, taps
+        (the most any phase has) and phases; for wgrad the reduction length."""
+        taps = math.prod(problem.kernel_size)
+        if pass_ == "fprop":
+            return {"rows": problem.N * math.prod(problem.output_size), "cols": problem.K_per_group,
+                    "red": problem.C_per_group, "taps": taps, "phases": 1}
+        if pass_ == "dgrad":
+            per_phase = [_ceil_div(n, s) for n, s in zip(problem.input_size, problem.stride)]
+            steps = tap_steps(problem)
+            most_taps = math.prod(_ceil_div(t, step) for t, step in zip(problem.kernel_size, steps))
+            return {"rows": problem.N * math.prod(per_phase), "cols": problem.C_per_group, "red": problem.K_per_group,
+                    "taps": most_taps, "phases": math.prod(problem.stride)}
+        return {"rows": problem.K_per_group, "cols": problem.C_per_group * taps,
+                "red": problem.N * math.prod(problem.output_size), "taps": 1, "phases": 1}
+
+    def _tile_kind(self, tile: Tile, dtype: str) -> str:
+        if tile == SMALL_TILE:
+            return "small"
+        return "narrow" if NARROW_TILES.get(dtype) == tile else "large"
+
+    def _candidate_tiles(self, dtype: str) -> tuple[Tile, ...]:
+        tiles = gemm_tiles(dtype)
+        if self.tiles is not None:
+            tiles = tuple(t for t in tiles if t in self.tiles) or tiles
+        return tiles
+
+    @staticmethod
+    def packed_red(problem: ConvProblem, pass_: str, tile: Tile, red: int, taps: int) -> bool:
+        """Whether the (tap, channel) pairs are flattened into the reduction: only with the packed
+        weight, fewer steps than channel chunks per tap, and (dgrad) a single stride phase."""
+        if not tile.packed_b or red >= tile.BK:
+            return False
+        if pass_ == "dgrad" and math.prod(problem.stride) != 1:
+            return False
+        return _ceil_div(taps * red, tile.BK) < taps * _ceil_div(red, tile.BK)
+
+    def _gemm_steps(self, problem: ConvProblem, pass_: str, tile: Tile, shape: dict[str, int]) -> int:
+        if pass_ == "wgrad":
+            return _ceil_div(shape["red"], tile.BK)
+        if self.packed_red(problem, pass_, tile, shape["red"], shape["taps"]):
+            return _ceil_div(shape["taps"] * shape["red"], tile.BK)
+        return shape["taps"] * _ceil_div(shape["red"], tile.BK)
+
+    def packed_weight_elements(self, problem: ConvProblem, pass_: str, tile: Tile) -> int:
+        """Elements of the packed weight a fprop/dgrad GEMM with ``tile`` reads (0 if it reads the weight)."""
+        if pass_ == "wgrad" or not tile.packed_b:
+            return 0
+        shape = self._gemm_geometry(problem, pass_)
+        taps = math.prod(problem.kernel_size)
+        chunk = self._b_chunk(problem, pass_, tile, shape)
+        rows = _ceil_div(taps * chunk, tile.BK) * tile.BK
+        return problem.G * rows * _ceil_div(shape["cols"], tile.BN) * tile.BN
+
+    def _b_chunk(self, problem: ConvProblem, pass_: str, tile: Tile, shape: dict[str, int]) -> int:
+        if self.packed_red(problem, pass_, tile, shape["red"], shape["taps"]):
+            return shape["red"]
+        return _ceil_div(shape["red"], tile.BK) * tile.BK
+
+    def choose_gemm(self, problem: ConvProblem, pass_: str, sm_count: int | None = None) -> GemmChoice:
+        """The tile and split-K count for a pass's GEMM, by the static cost model.
+
+        For every tile and split count that fits the workspace cap (``workspace_mb``, holding
+        the packed weight and the split-K partial sums together): CTAs, waves of
+        ``sm_count`` x CTAs-per-SM, and cycles = the larger of waves x (multiply-adds per CTA
+        x CTAs per SM) / (FMA_PER_SM_CYCLE x the tile's relative speed) and the tiles' loads
+        through L2 / L2_BYTES_PER_CYCLE, plus the bytes split-K and weight packing add / BYTES_PER_CYCLE
+        and LAUNCH_CYCLES for each launch they add.
+        The choice: the fewest cycles among configurations whose wave efficiency reaches
+        WAVE_TARGET (a partly empty last wave is time the model cannot see being lost to
+        stragglers and launch skew), or among all when none does; ties go to fewer slices,
+        then the larger tile.
+        """
+        sms = sm_count or self.sm_count
+        shape = self._gemm_geometry(problem, pass_)
+        cap = int(options.get("workspace_mb")) * 2**20
+        acc = np.dtype(ACCUMULATOR[problem.dtype]).itemsize
+        outputs = self._outputs(problem, pass_)
+        best: GemmChoice | None = None
+        for tile in self._candidate_tiles(problem.dtype):
+            tiles = _ceil_div(shape["rows"], tile.BM) * _ceil_div(shape["cols"], tile.BN) * shape["phases"] * problem.G
+            steps = self._gemm_steps(problem, pass_, tile, shape)
+            packed = self.packed_weight_elements(problem, pass_, tile)
+            packed_bytes = packed * ITEMSIZE[problem.dtype]
+            if packed_bytes > cap:
+                continue
+            kfast = self._kfast(problem, pass_) if self._kfast(problem, pass_) in wgrad_stagings(tile) else True
+            per_sm = ctas_per_sm(tile, pass_, kfast)
+            for splits in self._split_options(problem, pass_, tile, steps, tiles, outputs * acc, cap - packed_bytes,
+                                              sms * per_sm):
+                per_slice = _ceil_div(steps, splits)
+                splits = _ceil_div(steps, per_slice)
+                ctas = tiles * splits
+                if ctas > MAX_GRID:
+                    continue
+                slots = sms * per_sm
+                waves = _ceil_div(ctas, slots)
+                work = tile.BM * tile.BN * tile.BK * per_slice
+                speed = TILE_SPEED[self._tile_kind(tile, problem.dtype)]
+                cycles = waves * work * per_sm / (FMA_PER_SM_CYCLE * speed)
+                tile_loads = ctas * per_slice * tile.BK * (tile.BM + tile.BN) * ITEMSIZE[problem.dtype]
+                cycles = max(cycles, tile_loads / L2_BYTES_PER_CYCLE)
+                extra = 2 * splits * outputs * acc if splits > 1 else 0
+                cycles += (extra + 2 * packed_bytes) / BYTES_PER_CYCLE
+                cycles += LAUNCH_CYCLES * ((splits > 1) + (packed > 0))
+                workspace = (splits if problem.deterministic or pass_ != "wgrad" else 1) * outputs if splits > 1 else 0
+                choice = GemmChoice(tile, kfast, splits, per_slice * (tile.BK if pass_ == "wgrad" else 1), ctas, waves,
+                                    wave_efficiency(ctas, sms, per_sm), per_sm, cycles, packed, workspace)
+                if best is None or self._rank(choice) < self._rank(best):
+                    best = choice
+        if best is None:
+            raise ValueError(f"no implicit-GEMM configuration of {pass_} fits the workspace cap "
+                             f"(workspace_mb={options.get('workspace_mb')})")
+        return best
+
+    @staticmethod
+    def _rank(choice: GemmChoice) -> tuple:
+        """Configurations that fill their waves to WAVE_TARGET first, then the fewest cycles,
+        the fewest slices, the larger tile."""
+        return (choice.wave_efficiency < WAVE_TARGET, choice.cycles, choice.splits,
+                -choice.tile.BM * choice.tile.BN)
+
+    def _split_options(self, problem: ConvProblem, pass_: str, tile: Tile, steps: int, tiles: int,
+                       bytes_per_split: int, room: int, slots: int) -> list[int]:
+        """Split counts to consider: 1, and up to enough to fill the device's ``slots`` (SMs x
+        CTAs per SM) four times over, with slices no shorter than the minimum and the partial
+        sums under ``room`` bytes."""
+        if pass_ == "wgrad":
+            min_steps = max(1, _ceil_div(self.min_split_len, tile.BK))
+            # A wgrad slice is counted in 32 bits.
+            least = _ceil_div(steps * tile.BK, MAX_WGRAD_SLICE)
+            per_split = bytes_per_split if problem.deterministic else 0
+            fixed = 0 if problem.deterministic else bytes_per_split
+        else:
+            min_steps, least, per_split, fixed = MIN_SPLIT_STEPS, 1, bytes_per_split, 0
+        most = min(self.max_splits, max(1, steps // min_steps))
+        if most > 1 and per_split:
+            most = min(most, max(1, (room - fixed) // per_split))
+        if most > 1 and fixed > room:
+            most = 1
+        if self.forced_splits is not None:
+            forced = max(least, min(self.forced_splits, steps))
+            return [forced]
+        enough = max(1, _ceil_div(4 * slots, max(tiles, 1)))
+        return list(range(least, max(least, min(most, enough)) + 1))
+
+    @staticmethod
+    def _outputs(problem: ConvProblem, pass_: str) -> int:
+        """Elements of the pass's result (the split-K partial sums of one slice)."""
+        if pass_ == "fprop":
+            return problem.N * problem.K * math.prod(problem.output_size)
+        if pass_ == "dgrad":
+            return problem.N * problem.C * math.prod(problem.input_size)
+        return problem.K * problem.C_per_group * math.prod(problem.kernel_size)
+
+    @staticmethod
+    def _kfast(problem: ConvProblem, pass_: str) -> bool:
+        """wgrad: reduction-fastest staging unless x's channels are closer-packed than its pixels
+        (channels-last), where channel-fastest staging (tap-major columns) coalesces."""
+        if pass_ != "wgrad":
+            return True
+        xs = _abs_strides(problem.x_strides)
+        return not (xs[1] < _row_step(xs, problem.stride, problem.output_size))
 
     def split_count(self, base_blocks: int, reduction: int, min_len: int, bytes_per_split: int) -> int:
-        """Split-K slices: enough blocks to fill the device, slices no shorter than ``min_len``,
-        the workspace under the configured cap (``workspace_mb``)."""
+        """Depthwise split-K slices: enough blocks to fill the device, slices no shorter than
+        ``min_len``, the workspace under the configured cap (``workspace_mb``)."""
         if reduction < 2 * min_len:
             return 1
         wanted = _ceil_div(self.target_blocks, max(base_blocks, 1))
         cap = (int(options.get("workspace_mb")) * 2**20) // max(bytes_per_split, 1)
         return max(1, min(wanted, reduction // min_len, self.max_splits, cap))
-
-    def _gemm_shape(self, problem: ConvProblem, pass_: str) -> tuple[int, int, Tile]:
-        taps = math.prod(problem.kernel_size)
-        if pass_ == "fprop":
-            rows, cols = problem.N * math.prod(problem.output_size), problem.K_per_group
-        elif pass_ == "dgrad":
-            per_phase = [_ceil_div(n, s) for n, s in zip(problem.input_size, problem.stride)]
-            rows, cols = problem.N * math.prod(per_phase), problem.C_per_group
-        else:
-            rows, cols = problem.K_per_group, problem.C_per_group * taps
-        return rows, cols, self.choose_tile(problem.dtype, rows, cols)
 
     # -- plans
 
@@ -289,13 +520,16 @@ class Planner:
                 p[name] = strides
         p["tiles_m"] = p["tiles_n"] = p["phases"] = p["splits"] = 1
         p["epilogue"] = EPILOGUE_STORE
+        p["out_shape"] = 1
         return p
 
-    def plan(self, problem: ConvProblem, pass_: str, *, has_bias: bool = False, device=None) -> Plan:
+    def plan(self, problem: ConvProblem, pass_: str, *, has_bias: bool = False, sm_count: int | None = None,
+             device=None) -> Plan:
         """The launches for ``pass_`` (``"fprop"``, ``"dgrad"`` or ``"wgrad"``) of ``problem``.
 
         ``has_bias`` (fprop only) fuses the bias into the output; ``device`` (a
-        ``tensor_core_planner.DeviceModel``) is what the tensor-core planner plans for.
+        ``tensor_core_planner.DeviceModel``) is what the tensor-core planner plans for, and
+        ``sm_count`` the SIMT planner's multiprocessors (default: the planner's).
         """
         reason = self.unsupported(problem)
         if reason:
@@ -308,7 +542,10 @@ class Planner:
             plan = self.tensor_cores.plan(self, problem, pass_, has_bias, device)
             if plan is not None:
                 return plan
-        return getattr(self, f"_gemm_{pass_}")(problem, has_bias)
+        choice = self.choose_gemm(problem, pass_, sm_count)
+        if pass_ == "wgrad":
+            return self._gemm_wgrad(problem, choice)
+        return self._gemm_gather(problem, pass_, choice, has_bias)
 
     def bias_plan(self, problem: ConvProblem, x_strides: Sequence[int], x_shape: Sequence[int]) -> Plan:
         """Add a bias of C channels in place to an activation view of logical shape ``x_shape``."""
@@ -326,37 +563,91 @@ class Planner:
         blocks = max(1, min(_ceil_div(total, ELEMENTWISE_THREADS), MAX_ELEMENTWISE_BLOCKS))
         return Launch(source, kernel, (blocks, 1, 1), (ELEMENTWISE_THREADS, 1, 1), 0, p[()], args, (kernel,))
 
-    def _gemm_launch(self, problem: ConvProblem, pass_: str, tile: Tile, p: np.ndarray, blocks: int,
+    def _gemm_launch(self, problem: ConvProblem, pass_: str, tile: Tile, kfast: bool, p: np.ndarray, blocks: int,
                      args: tuple[str, ...]) -> Launch:
+        # One library for the three passes of a tile; the channel-fastest wgrad on its own, so
+        # that fprop and dgrad (the same for either staging) are never built twice.
         batch = tuple(gemm_kernel(other, problem.dtype, tile) for other in ("fprop", "dgrad", "wgrad"))
-        return Launch(SOURCE_GEMM, gemm_kernel(pass_, problem.dtype, tile), (blocks, 1, 1), (tile.threads, 1, 1),
-                      tile.shared_bytes(problem.dtype), p[()], args, batch)
+        if pass_ == "wgrad" and not kfast:
+            batch = (gemm_kernel("wgrad", problem.dtype, tile, kfast),)
+        return Launch(SOURCE_GEMM, gemm_kernel(pass_, problem.dtype, tile, kfast), (blocks, 1, 1),
+                      (tile.threads, 1, 1), tile.shared_bytes(problem.dtype), p[()], args, batch)
 
-    def _gemm_fprop(self, problem: ConvProblem, has_bias: bool) -> Plan:
-        rows, cols, tile = self._gemm_shape(problem, "fprop")
-        p = self.base_params(problem)
-        p["tiles_m"], p["tiles_n"] = _ceil_div(rows, tile.BM), _ceil_div(cols, tile.BN)
-        p["has_bias"] = int(has_bias)
-        xs, ws = _abs_strides(problem.x_strides), _abs_strides(problem.w_strides)
-        p["a_kfast"] = xs[1] < _row_step(xs, problem.stride, problem.output_size)
-        p["b_kfast"] = ws[1] <= ws[0]
-        blocks = int(p["tiles_m"] * p["tiles_n"]) * problem.G
-        launch = self._gemm_launch(problem, "fprop", tile, p, blocks, ("x", "w", "bias", "y"))
-        launch = self._with_vector_path(launch, problem, tile, "x", problem.x_strides, problem.C_per_group)
-        return Plan("fprop", "gemm", (launch,), None, tile)
+    def _reduce_launch(self, problem: ConvProblem, splits: int, outputs: int, shape: Sequence[int],
+                       strides: Sequence[int] | None, out_role: str, has_bias: bool = False,
+                       slice_stride: int | None = None) -> Launch:
+        """The fixed-order sum of ``splits`` slices of partial sums into the output (logical
+        ``shape`` at ``strides``), rounded once; with ``has_bias``, plus the bias of axis 1."""
+        reduce = self.base_params(problem)
+        reduce["total"] = outputs
+        reduce["splits"] = splits
+        reduce["ws_slice_stride"] = outputs if slice_stride is None else slice_stride
+        reduce["out_shape"] = tuple(shape)
+        if strides is not None:
+            reduce["out_stride"] = tuple(strides)
+        reduce["has_bias"] = int(has_bias)
+        return self._elementwise(SOURCE_REDUCE, reduce_kernel(problem.dtype), reduce, outputs,
+                                 ("workspace", "bias", out_role))
 
-    def _gemm_dgrad(self, problem: ConvProblem, has_bias: bool) -> Plan:
-        rows, cols, tile = self._gemm_shape(problem, "dgrad")
+    def _gemm_gather(self, problem: ConvProblem, pass_: str, choice: GemmChoice, has_bias: bool) -> Plan:
+        """fprop or dgrad: (pack the weight,) the GEMM, (the split-K reduction)."""
+        dgrad = pass_ == "dgrad"
+        tile = choice.tile
+        shape = self._gemm_geometry(problem, pass_)
         p = self.base_params(problem)
-        p["tiles_m"], p["tiles_n"] = _ceil_div(rows, tile.BM), _ceil_div(cols, tile.BN)
-        p["phases"] = math.prod(problem.stride)
-        ys, ws = _abs_strides(problem.y_strides), _abs_strides(problem.w_strides)
-        p["a_kfast"] = ys[1] < _row_step(ys, (1, 1, 1), problem.output_size)
-        p["b_kfast"] = ws[0] < ws[1]
-        blocks = int(p["tiles_m"] * p["tiles_n"] * p["phases"]) * problem.G
-        launch = self._gemm_launch(problem, "dgrad", tile, p, blocks, ("y", "w", "x"))
-        launch = self._with_vector_path(launch, problem, tile, "y", problem.y_strides, problem.K_per_group)
-        return Plan("dgrad", "gemm", (launch,), None, tile)
+        p["tiles_m"], p["tiles_n"] = _ceil_div(shape["rows"], tile.BM), _ceil_div(shape["cols"], tile.BN)
+        p["phases"] = shape["phases"]
+        steps = self._gemm_steps(problem, pass_, tile, shape)
+        p["splits"], p["split_len"] = choice.splits, choice.split_len if choice.splits > 1 else steps
+        a_strides = problem.y_strides if dgrad else problem.x_strides
+        o_strides = problem.x_strides if dgrad else problem.y_strides
+        a_extent = problem.output_size if dgrad else problem.output_size
+        a_abs, o_abs = _abs_strides(a_strides), _abs_strides(o_strides)
+        # Consecutive lanes per thread (and the vector path) when the gathered activation is
+        # channels-last; the epilogue stores channel-fastest when the output is.
+        p["a_blocked"] = a_abs[1] < _row_step(a_abs, (1, 1, 1) if dgrad else problem.stride, a_extent)
+        o_extent = problem.input_size if dgrad else problem.output_size
+        p["out_cfast"] = o_abs[1] < _row_step(o_abs, problem.stride if dgrad else (1, 1, 1), o_extent)
+        packed_red = self.packed_red(problem, pass_, tile, shape["red"], shape["taps"])
+        p["red_packed"] = int(packed_red)
+        if packed_red:
+            sizes = problem.kernel_size
+            for i, d in enumerate((shape["red"], sizes[1] * sizes[2], sizes[2])):
+                p["div_mul"][i], p["div_shift"][i] = fast_divisor(d)
+        launches: list[Launch] = []
+        packed = None
+        if tile.packed_b:
+            p["b_ld"] = int(p["tiles_n"]) * tile.BN
+            p["b_chunk"] = self._b_chunk(problem, pass_, tile, shape)
+            packed = Workspace(choice.packed_elements, problem.dtype, zeroed=False)
+            pack = self.base_params(problem)
+            pack["b_ld"], pack["b_chunk"], pack["total"] = p["b_ld"], p["b_chunk"], choice.packed_elements
+            launch = self._elementwise(SOURCE_PACK, pack_kernel(pass_, problem.dtype), pack, choice.packed_elements,
+                                       ("w", "packed"))
+            # Both packing kernels of a dtype in one library.
+            launches.append(replace(launch, batch=tuple(pack_kernel(other, problem.dtype)
+                                                        for other in ("fprop", "dgrad"))))
+        outputs = self._outputs(problem, pass_)
+        workspace = None
+        if choice.splits > 1:
+            p["epilogue"] = EPILOGUE_WORKSPACE
+            p["ws_slice_stride"] = outputs
+            workspace = Workspace(choice.splits * outputs, ACCUMULATOR[problem.dtype], zeroed=False)
+        else:
+            p["has_bias"] = int(has_bias)
+        b_role = "packed" if tile.packed_b else "w"
+        args = ("y", b_role, "x", "workspace") if dgrad else ("x", b_role, "bias", "y", "workspace")
+        blocks = int(p["tiles_m"] * p["tiles_n"] * p["phases"]) * problem.G * choice.splits
+        launch = self._gemm_launch(problem, pass_, tile, True, p, blocks, args)
+        if p["a_blocked"]:
+            launch = self._with_vector_path(launch, problem, tile, "y" if dgrad else "x", a_strides, shape["red"])
+        launches.append(launch)
+        if choice.splits > 1:
+            out_shape = (problem.N, problem.C, *problem.input_size) if dgrad else (problem.N, problem.K,
+                                                                                   *problem.output_size)
+            launches.append(self._reduce_launch(problem, choice.splits, outputs, out_shape, o_strides,
+                                                "x" if dgrad else "y", has_bias and not dgrad))
+        return Plan(pass_, "gemm", tuple(launches), workspace, tile, choice.splits, packed)
 
     @staticmethod
     def _with_vector_path(launch: Launch, problem: ConvProblem, tile: Tile, role: str,
@@ -371,46 +662,39 @@ class Planner:
         return replace(launch, vector_operand=role, vector_alignment=width * ITEMSIZE[problem.dtype])
 
     def _wgrad_epilogue(self, problem: ConvProblem, p: np.ndarray, splits: int, split_len: int,
-                        outputs: int) -> tuple[Workspace | None, Launch | None]:
+                        outputs: int, shape: Sequence[int]) -> tuple[Workspace | None, Launch | None]:
         """Set the wgrad epilogue for ``splits`` slices; the workspace and the reduction launch it needs."""
         acc = ACCUMULATOR[problem.dtype]
         p["splits"], p["split_len"] = splits, split_len
         if splits == 1:
             p["epilogue"] = EPILOGUE_STORE
             return None, None
-        reduce = self.base_params(problem)
-        reduce["total"] = outputs
         if problem.deterministic:
             p["epilogue"] = EPILOGUE_WORKSPACE
             p["ws_slice_stride"] = outputs
-            reduce["splits"], reduce["ws_slice_stride"] = splits, outputs
             workspace = Workspace(splits * outputs, acc, zeroed=False)
+            reduce = self._reduce_launch(problem, splits, outputs, shape, problem.w_strides, "w")
         else:
             p["epilogue"] = EPILOGUE_ATOMIC
-            reduce["splits"], reduce["ws_slice_stride"] = 1, outputs
             workspace = Workspace(outputs, acc, zeroed=True)
-        return workspace, self._elementwise(SOURCE_REDUCE, reduce_kernel(problem.dtype), reduce, outputs,
-                                            ("workspace", "w"))
+            reduce = self._reduce_launch(problem, 1, outputs, shape, problem.w_strides, "w")
+        return workspace, reduce
 
-    def _gemm_wgrad(self, problem: ConvProblem, has_bias: bool) -> Plan:
-        rows, cols, tile = self._gemm_shape(problem, "wgrad")
-        reduction = problem.gemm_reduction["wgrad"]
+    def _gemm_wgrad(self, problem: ConvProblem, choice: GemmChoice) -> Plan:
+        tile = choice.tile
+        shape = self._gemm_geometry(problem, "wgrad")
         p = self.base_params(problem)
-        p["tiles_m"], p["tiles_n"] = _ceil_div(rows, tile.BM), _ceil_div(cols, tile.BN)
-        # Reduction-fastest staging unless x's channels are closer-packed than its pixels
-        # (channels-last), where channel-fastest staging (tap-major columns) coalesces.
-        xs = _abs_strides(problem.x_strides)
-        p["a_kfast"] = p["b_kfast"] = not (xs[1] < _row_step(xs, problem.stride, problem.output_size))
+        p["tiles_m"], p["tiles_n"] = _ceil_div(shape["rows"], tile.BM), _ceil_div(shape["cols"], tile.BN)
+        kfast = choice.kfast
         base_blocks = int(p["tiles_m"] * p["tiles_n"]) * problem.G
-        outputs = problem.K * cols
-        acc_size = np.dtype(ACCUMULATOR[problem.dtype]).itemsize
-        splits = self.split_count(base_blocks, reduction, self.min_split_len, outputs * acc_size)
-        split_len = _ceil_div(_ceil_div(reduction, splits), tile.BK) * tile.BK
-        splits = _ceil_div(reduction, split_len)
-        workspace, reduce = self._wgrad_epilogue(problem, p, splits, split_len, outputs)
-        launch = self._gemm_launch(problem, "wgrad", tile, p, base_blocks * splits, ("x", "y", "w", "workspace"))
+        outputs = self._outputs(problem, "wgrad")
+        split_len = choice.split_len if choice.splits > 1 else _ceil_div(shape["red"], tile.BK) * tile.BK
+        workspace, reduce = self._wgrad_epilogue(problem, p, choice.splits, split_len, outputs,
+                                                 (problem.K, problem.C_per_group, *problem.kernel_size))
+        launch = self._gemm_launch(problem, "wgrad", tile, kfast, p, base_blocks * choice.splits,
+                                   ("x", "y", "w", "workspace"))
         launches = (launch,) if reduce is None else (launch, reduce)
-        return Plan("wgrad", "gemm", launches, workspace, tile, splits)
+        return Plan("wgrad", "gemm", launches, workspace, tile, choice.splits)
 
     def _depthwise_launch(self, problem: ConvProblem, pass_: str, p: np.ndarray, total: int,
                           args: tuple[str, ...]) -> Launch:
@@ -443,7 +727,8 @@ class Planner:
         split_len = _ceil_div(reduction, splits)
         splits = _ceil_div(reduction, split_len)
         p = self.base_params(problem)
-        workspace, reduce = self._wgrad_epilogue(problem, p, splits, split_len, outputs)
+        workspace, reduce = self._wgrad_epilogue(problem, p, splits, split_len, outputs,
+                                                 (problem.K, 1, *problem.kernel_size))
         launch = Launch(SOURCE_DEPTHWISE, depthwise_kernel("wgrad", problem.dtype), (outputs * splits, 1, 1),
                         (threads, 1, 1), depthwise_wgrad_shared_bytes(threads, problem.dtype), p[()],
                         ("x", "y", "w", "workspace"), _depthwise_batch(problem.dtype))

@@ -33,7 +33,6 @@ from ..problem import ConvProblem
 from ..tensor_core_catalog import (
     REDUCE_THREADS,
     SOURCE_TENSOR_CORE,
-    TC_CONFIGS,
     TC_PASSES,
     TcConfig,
     configs_for,

@@ -190,7 +190,7 @@ class Bench:
         if device not in self._reference_timers:
             return "PyTorch has no CUDA device here"
         try:
-            import torch
+            import torch  # noqa: F401  (an ImportError here is reported as the reason)
 
             torch_device = "cuda" if device == "gpu" else "cpu"
             tensors = {name: to_torch(getattr(case, name), case.channels_last, torch_device) for name in ("x", "w", "dy")}

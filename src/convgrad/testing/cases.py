@@ -100,6 +100,7 @@ CASES: tuple[ConvCase, ...] = (
     _c2(1, 4, 4, (6, 6), (3, 3), padding=1, groups=4, channels_last=True),
     _c2(2, 4, 5, (7, 9), (3, 3), stride=2, padding=1, sliced=True),
     _c2(2, 4, 6, (7, 6), (3, 3), padding=(1, 2), sliced=True, channels_last=True),
+    _c2(2, 12, 16, (6, 7), (3, 3), padding=1, channels_last=True, small=False),  # channels-last, above 8 channels: vector loads
     _c2(2, 3, 4, (7, 8), (3, 4), padding="same", dilation=(2, 1)),
     _c2(2, 3, 4, (7, 8), (3, 3), padding="valid"),
     # Channels-last with channel counts that are multiples of 8: the tensor-core kernels' fast
