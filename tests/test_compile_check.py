@@ -8,12 +8,17 @@ registers, shared memory and spills; a spill in a kernel that must not spill is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from convgrad import compile_check, kernel_source
+from convgrad.backends.cupy_planner import Planner
+from convgrad.backends.tensor_core_planner import DeviceModel, TensorCorePlanner
 from convgrad.kernel_catalog import launchable_kernels
+from convgrad.problem import conv_problem
+from convgrad.tensor_core_catalog import tensor_core_kernels
 
 _REASON = compile_check.nvrtc_available()
 needs_nvrtc = pytest.mark.skipif(_REASON is not None, reason=f"NVRTC unavailable: {_REASON}")
@@ -102,7 +107,10 @@ def test_every_gemm_main_loop_is_found(rows: list[dict]) -> None:
             continue
         loop = row["sass"]["loop"]
         assert loop is not None, row["kernel"]
-        assert loop["math"] == spec.math_per_step and loop["lds"] > 0 and loop["barrier"] == 1, (row["kernel"], loop)
+        # Tensor-core kernels read their fragments with load_matrix_sync, which takes a generic
+        # pointer: generic loads (LD) rather than LDS.
+        shared_reads = loop["lds"] + (loop["generic"] if "HMMA" in spec.required_ops else 0)
+        assert loop["math"] == spec.math_per_step and shared_reads > 0 and loop["barrier"] == 1, (row["kernel"], loop)
 
 
 @needs_nvrtc
@@ -208,3 +216,77 @@ def test_sass_table_and_json_are_written(capsys: pytest.CaptureFixture[str], mon
     assert "FMA%" in out and "85.3" in out and "2 (registers)" in out
     written = json.loads(out_json.read_text())
     assert written["archs"] == ["sm_80"] and written["rows"][0]["sass"]["warps_per_sm"] == 16
+
+
+# ----------------------------------------------------------------------------------------
+# The tensor-core instantiations: HMMA and cp.async in the main loop, and what the planner picks
+
+
+@needs_nvrtc
+@needs_sass
+def test_every_tensor_core_instantiation_has_hmma_and_ldgsts_in_its_main_loop(rows: list[dict]) -> None:
+    tensor_core = {spec.name for spec in tensor_core_kernels() if spec.gemm}
+    checked = [row for row in rows if row["kernel"] in tensor_core]
+    assert {(row["kernel"], row["arch"]) for row in checked} == {(k, a) for k in tensor_core for a in ARCHS}
+    for row in checked:
+        sass = row["sass"]
+        assert row["ok"] and not sass["problems"], (row["kernel"], row["arch"], row["error"])
+        assert sass["stack"] == 0 and sass["local_instructions"] == 0
+        # Every HMMA sits in the main loop: none is issued outside the cp.async pipeline.
+        assert sass["math_total"] == sass["math_in_loop"] > 0, (row["kernel"], row["arch"])
+
+
+def _resnet_layers_nhwc(dtype: str, **options):
+    """A few ResNet-50 layers at batch 32, channels-last."""
+    def nhwc(n, c, k, size, kernel, stride, padding):
+        problem = conv_problem("conv2d", 2, (n, c, size, size), (k, c, kernel, kernel), stride, padding, 1, 1,
+                               dtype=dtype, **options)
+        d, h, w = problem.input_size
+        z, p, q = problem.output_size
+        return problem.with_strides((d * h * w * c, 1, h * w * c, w * c, c),
+                                    (kernel * kernel * c, 1, kernel * kernel * c, kernel * c, c),
+                                    (z * p * q * k, 1, p * q * k, q * k, k))
+    return [nhwc(32, 64, 64, 56, 3, 1, 1), nhwc(32, 256, 512, 56, 1, 2, 0), nhwc(32, 512, 512, 7, 3, 1, 1),
+            nhwc(32, 3, 64, 224, 7, 2, 3)]
+
+
+@needs_nvrtc
+@needs_sass
+@pytest.mark.parametrize("device", [DeviceModel(), DeviceModel(name="A100", sm_count=108, capability=80,
+                                                                  shared_per_sm=164 * 1024,
+                                                                  shared_per_block=163 * 1024)],
+                         ids=["h200", "a100"])
+def test_the_planner_picks_checked_tensor_core_instantiations(rows: list[dict], device: DeviceModel) -> None:
+    """A silent fallback to the SIMT kernels cannot pass: what the planner launches for
+    tensor-core problems is a checked instantiation with HMMA in it."""
+    by_key = {(row["kernel"], row["arch"]): row for row in rows}
+    planner = Planner(tensor_cores=TensorCorePlanner())
+    arch = f"sm_{device.capability}"
+    picked = set()
+    for problems in (_resnet_layers_nhwc("float16"), _resnet_layers_nhwc("bfloat16"),
+                     _resnet_layers_nhwc("float32", allow_tf32=True)):
+        for problem in problems:
+            for pass_ in ("fprop", "dgrad", "wgrad"):
+                plan = planner.plan(problem, pass_, device=device)
+                assert plan.algorithm == "tensor-core", (problem.name(pass_), plan.algorithm)
+                row = by_key[(plan.launches[0].kernel, arch)]
+                assert row["ok"] and row["sass"]["math_in_loop"] > 0 and "HMMA" in _required_ops(row["kernel"])
+                picked.add(row["kernel"])
+    assert len(picked) >= 9, "the heuristic uses more than one configuration"
+
+
+def _required_ops(kernel: str) -> tuple[str, ...]:
+    return next(spec.required_ops for spec in launchable_kernels() if spec.name == kernel)
+
+
+@needs_nvrtc
+@needs_sass
+def test_the_tensor_core_requirement_fails_on_a_simt_kernel() -> None:
+    """The FMA kernel a silent fallback would run has neither HMMA nor LDGSTS: held to the
+    tensor-core requirements, its row fails."""
+    simt = next(spec for spec in launchable_kernels() if spec.name.startswith("convgrad::fprop_gemm<__half, 128"))
+    spec = dataclasses.replace(simt, required_ops=("HMMA", "LDGSTS"))
+    (row,) = compile_check._compile_source(spec.source, [spec], "sm_80",
+                                           kernel_source.nvrtc_options("sm_80", compile_check._nvrtc_major()), True)
+    assert not row["ok"]
+    assert row["sass"]["problems"][:2] == ["no HMMA instruction", "no LDGSTS instruction"]

@@ -598,17 +598,18 @@ def test_plans_follow_the_sm_count() -> None:
 def test_kernel_backend_asks_its_device_for_the_sm_count() -> None:
     """The backend passes the SM count of the device holding the arrays to the planner."""
     from convgrad.backends.cupy_backend import CupyHostBackend
+    from convgrad.backends.tensor_core_planner import DeviceModel
 
     seen = []
 
     class Counting(CupyHostBackend):
-        def _sm_count(self, like):
-            return 108
+        def _device_model(self, like):
+            return DeviceModel(sm_count=108, capability=80)
 
     class Recording(Planner):
-        def plan(self, problem, pass_, *, has_bias=False, sm_count=None):
+        def plan(self, problem, pass_, *, has_bias=False, sm_count=None, device=None):
             seen.append(sm_count)
-            return super().plan(problem, pass_, has_bias=has_bias, sm_count=sm_count)
+            return super().plan(problem, pass_, has_bias=has_bias, sm_count=sm_count, device=device)
 
     backend = Counting(runner=_RecordingRunner(), planner=Recording())
     convgrad.conv2d(np.zeros((1, 2, 5, 5), np.float32), np.zeros((3, 2, 3, 3), np.float32), backend=backend)

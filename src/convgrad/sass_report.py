@@ -185,6 +185,9 @@ MATH_OPS = frozenset({"FFMA", "DFMA", "HMMA", "DMMA"})
 SHARED_LOAD_OPS = frozenset({"LDS", "LDSM"})
 GLOBAL_LOAD_OPS = frozenset({"LDG", "LDGSTS"})
 LOCAL_OPS = frozenset({"LDL", "STL"})
+#: Loads and stores through a generic address, resolved to shared or global memory at run
+#: time: what WMMA's load_matrix_sync from shared memory becomes (it takes a generic pointer).
+GENERIC_OPS = frozenset({"LD", "ST"})
 BRANCH_OPS = frozenset({"BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BREAK", "BSSY", "BSYNC", "WARPSYNC"})
 _INTEGER_BASE = frozenset({
     "IMAD", "IADD", "IADD3", "IMUL", "ISETP", "IMNMX", "IABS", "ISCADD", "LEA", "LOP", "LOP3", "SHF", "SHL", "SHR",
@@ -194,7 +197,8 @@ INTEGER_OPS = _INTEGER_BASE | frozenset("U" + op for op in _INTEGER_BASE)
 
 
 def category(instruction: Instruction) -> str:
-    """``math``, ``lds``, ``sts``, ``ldg``, ``stg``, ``local``, ``integer``, ``branch``, ``barrier`` or ``other``."""
+    """``math``, ``lds``, ``sts``, ``ldg``, ``stg``, ``local``, ``generic``, ``integer``, ``branch``,
+    ``barrier`` or ``other``."""
     op = instruction.op
     if op in MATH_OPS:
         return "math"
@@ -208,6 +212,8 @@ def category(instruction: Instruction) -> str:
         return "stg"
     if op in LOCAL_OPS:
         return "local"
+    if op in GENERIC_OPS:
+        return "generic"
     if op in INTEGER_OPS:
         # IMAD.MOV and IMAD.SHL are how the compiler spells moves and shifts: integer work all the same.
         return "integer"
@@ -218,7 +224,7 @@ def category(instruction: Instruction) -> str:
     return "other"
 
 
-CATEGORIES = ("math", "lds", "sts", "ldg", "stg", "local", "integer", "branch", "barrier", "other")
+CATEGORIES = ("math", "lds", "sts", "ldg", "stg", "local", "generic", "integer", "branch", "barrier", "other")
 
 
 def local_memory_instructions(function: Function) -> int:
@@ -491,6 +497,10 @@ class SassRow:
     loop: dict | None = None
     #: The most-issue path.
     loop_max: dict | None = None
+    #: Multiply-adds (FFMA/DFMA/HMMA/DMMA) in the whole kernel, and in the main loop's body: a
+    #: tensor-core kernel whose HMMA are not all in the main loop computes outside its pipeline.
+    math_total: int = 0
+    math_in_loop: int = 0
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -526,7 +536,8 @@ def analyse(function: Function, resources: Mapping[str, int], *, kernel: str, ar
                   spill=spill, local_instructions=local, static_shared=static,
                   dynamic_shared=dynamic_shared, threads=threads, blocks_per_sm=int(occ["blocks"]),  # type: ignore[arg-type]
                   warps_per_sm=int(occ["warps"]), occupancy_limit=str(occ["limit"]),  # type: ignore[arg-type]
-                  math_per_step=math_per_step)
+                  math_per_step=math_per_step,
+                  math_total=sum(1 for ins in function.instructions if ins.op in MATH_OPS))
     present = {ins.op for ins in function.instructions}
     for op in required_ops:
         if op not in present:
@@ -545,6 +556,7 @@ def analyse(function: Function, resources: Mapping[str, int], *, kernel: str, ar
         row.problems.append("no main loop with multiply-adds found")
         return row
     low, high = paths
+    row.math_in_loop = sum(1 for ins in _body(function, loop) if ins.op in MATH_OPS)
     if math_per_step:
         row.steps_per_iteration = max(1, round(low.counts["math"] / math_per_step))
     row.loop = _mix_per_step(low, row.steps_per_iteration)

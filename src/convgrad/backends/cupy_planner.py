@@ -647,7 +647,7 @@ class Planner:
                                                                                    *problem.output_size)
             launches.append(self._reduce_launch(problem, choice.splits, outputs, out_shape, o_strides,
                                                 "x" if dgrad else "y", has_bias and not dgrad))
-        return Plan(pass_, "gemm", tuple(launches), workspace, tile, choice.splits, packed)
+        return Plan(pass_, "gemm", tuple(launches), workspace, tile, choice.splits, packed=packed)
 
     @staticmethod
     def _with_vector_path(launch: Launch, problem: ConvProblem, tile: Tile, role: str,

@@ -266,7 +266,7 @@ class TensorCorePlanner:
             return None
         launch = Launch(SOURCE_TENSOR_CORE, tc_kernel(pass_, dtype, config), (blocks, 1, 1), (config.threads, 1, 1),
                         config.shared_bytes(dtype), p[()], args, batch)
-        return Plan(pass_, "tensor-core", (launch, *launches), workspace, None, int(p["splits"]), config)
+        return Plan(pass_, "tensor-core", (launch, *launches), workspace, None, int(p["splits"]), tensor_core=config)
 
     @staticmethod
     def _wgrad_epilogue(planner, problem: ConvProblem, dtype: str, p: np.ndarray, splits: int,
