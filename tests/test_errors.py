@@ -252,3 +252,20 @@ def test_config_rejects_unknown_options() -> None:
     with pytest.raises(TypeError, match="deterministic must be True or False"):
         with convgrad.config(deterministic=1):
             pass
+
+
+@pytest.mark.parametrize("pass_", ["fprop", "dgrad", "wgrad"])
+def test_float16_overflow_gives_inf_without_a_warning(pass_: str, recwarn) -> None:
+    """A float16 result beyond 65504 is Inf, as the reference gives, and no NumPy warning leaks."""
+    x = np.full((1, 1, 4, 4), 200.0, np.float16)
+    w = np.full((1, 1, 3, 3), 200.0, np.float16)
+    dy = np.full((1, 1, 2, 2), 200.0, np.float16)
+    if pass_ == "fprop":
+        result = convgrad.conv2d(x, w)  # 9 · 200 · 200 = 360000
+    elif pass_ == "dgrad":
+        result = convgrad.conv2d_input(x.shape, w, np.full((1, 1, 2, 2), 2000.0, np.float16))
+    else:
+        result = convgrad.conv2d_weight(np.full_like(x, 2000.0), w.shape, dy)
+    assert result.dtype == np.float16
+    assert np.isposinf(result).any()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]

@@ -137,8 +137,11 @@ def check_rule(result: np.ndarray, exact: np.ndarray, zero_fill: np.ndarray, nam
 
 
 def run_placement(backend: str | Backend, pass_: str, stride: int, padding: int,
-                  placement: tuple[tuple[str, str, str], ...]) -> None:
-    """Put the non-finite values of ``placement`` ((operand, where, value), ...) in place, run, check the rule."""
+                  placement: tuple[tuple[str, str, str], ...], *, exact: bool = False) -> None:
+    """Put the non-finite values of ``placement`` ((operand, where, value), ...) in place, run, check the rule.
+
+    ``exact``: allow no extra NaN at all; the result must equal the reference everywhere.
+    """
     problem = _problem(stride, padding)
     arrays = _operands(problem, seed=stride * 10 + padding)
     for operand, where, value in placement:
@@ -155,9 +158,10 @@ def run_placement(backend: str | Backend, pass_: str, stride: int, padding: int,
         out = np.full(arrays["w"].shape, _UNWRITTEN, DTYPE)
         result = convgrad.conv2d_weight(arrays["x"], arrays["w"].shape, arrays["dy"], out=out, **geometry)
     with np.errstate(invalid="ignore"):  # the reference's own NaN from Inf - Inf
-        exact = _reference(pass_, first, second, problem)
+        expected = _reference(pass_, first, second, problem)
     label = " ".join("/".join(p) for p in placement)
-    check_rule(result, exact, meets_zero_fill(pass_, second, problem), f"{pass_} s{stride} p{padding} {label}")
+    zero_fill = np.zeros(expected.shape, bool) if exact else meets_zero_fill(pass_, second, problem)
+    check_rule(result, expected, zero_fill, f"{pass_} s{stride} p{padding} {label}")
 
 
 def _single_params():
@@ -191,6 +195,28 @@ def _pair_params():
 def test_non_finite_values_follow_the_rule(backend_name: str, pass_: str, stride: int, padding: int,
                                            placement) -> None:
     run_placement(backend_name, pass_, stride, padding, placement)
+
+
+def _numpy_exact_params():
+    """The numpy backend's paths that follow the reference exactly (README, "Errors"): dgrad
+    always, fprop and wgrad without padding."""
+    for param in [*_single_params(), *_pair_params()]:
+        pass_, _, padding, _ = param.values
+        if pass_ == "dgrad" or padding == 0:
+            yield param
+
+
+@pytest.mark.parametrize(("pass_", "stride", "padding", "placement"), list(_numpy_exact_params()))
+def test_numpy_exact_paths_match_the_reference(pass_: str, stride: int, padding: int, placement) -> None:
+    run_placement("numpy", pass_, stride, padding, placement, exact=True)
+
+
+def test_exact_check_rejects_extra_nan_at_zero_fill() -> None:
+    """fprop with padding pairs a NaN weight with the padding: allowed by the rule, not exact."""
+    placement = (("w", "corner", "nan"),)
+    run_placement("numpy", "fprop", 1, 1, placement)
+    with pytest.raises(AssertionError, match="reached an output it never meets"):
+        run_placement("numpy", "fprop", 1, 1, placement, exact=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -186,14 +186,17 @@ def _run(
         w=arrays.element_strides(views["w"]),
         y=arrays.element_strides(views["y"]),
     )
-    if pass_ == "fprop":
-        chosen.forward(views["x"], views["w"], bias_run, problem, views["y"])
-    elif pass_ == "dgrad":
-        chosen.grad_input(views["y"], views["w"], problem, views["x"])
-        if bias_run is not None:
-            chosen.add_bias(views["x"], bias_run, problem)
-    else:
-        chosen.grad_weight(views["x"], views["y"], problem, views["w"])
+    # A 16-bit result that overflows is Inf, as in the reference; NumPy's cast would also
+    # warn from inside the backend, which tells the caller nothing the result does not.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if pass_ == "fprop":
+            chosen.forward(views["x"], views["w"], bias_run, problem, views["y"])
+        elif pass_ == "dgrad":
+            chosen.grad_input(views["y"], views["w"], problem, views["x"])
+            if bias_run is not None:
+                chosen.add_bias(views["x"], bias_run, problem)
+        else:
+            chosen.grad_weight(views["x"], views["y"], problem, views["w"])
 
     if staged:
         out[...] = chosen.to_host(out_run)

@@ -272,8 +272,11 @@ class NumpyBackend(Backend):
             self._pointwise_grad_input(dy, w, problem, out)
             return
         full = _full_convolution(problem)
-        if full is not None:
+        if full is not None and np.isfinite(np.asarray(w, dtype=acc)).all():
             # Stride 1: dx is the forward convolution of dy with the flipped, transposed kernel.
+            # Its zero border would meet a non-finite weight (0 · Inf is NaN) at outputs the
+            # reference never pairs with it; the scatter below pairs only real positions, so
+            # a weight that is not all finite (small, cheap to test) takes that path instead.
             self.forward(dy, _flipped_transposed(w, problem), None, full, out)
             return
         Cg, Kg = problem.C_per_group, problem.K_per_group
