@@ -13,8 +13,8 @@ copy; Python loops run only over batch chunks, groups and kernel taps, never ove
 pixels).  Chunking keeps the temporaries (padded input, ``col``, the GEMM result) under
 the workspace cap (``CONVGRAD_WORKSPACE_MB``, default 256 MiB): first over the batch, and
 when one image's full im2col would not fit, over kernel taps as well, down to one tap at
-a time (shift-GEMM).  Depthwise convolutions skip the GEMM and multiply-add one tap at a
-time over all channels at once.
+a time (shift-GEMM).  Depthwise convolutions skip the GEMM: Numba-compiled direct loops
+(``cpu_kernels``) compute them in the caller's layout.
 
 16-bit inputs are widened to float32 while building ``col`` and the result is rounded
 once on store; float64 stays float64.
@@ -336,54 +336,90 @@ class NumpyBackend(Backend):
                     start += len(taps)
             np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")
 
-    # -- depthwise: one multiply-add per tap over all channels ---------------------------
-    @staticmethod
-    def _multiplier_views(problem: ConvProblem, a: np.ndarray) -> np.ndarray:
-        """(n, K, ...) -> (n, C, K/C, ...): output channel k = c·m + j belongs to input channel c."""
-        return a.reshape(a.shape[0], problem.C, problem.K_per_group, *a.shape[2:])
-
+    # -- depthwise: compiled direct loops (cpu_kernels), chunked over the batch ------------
     def _depthwise_forward(self, x, w, bias, problem, out) -> None:
+        from . import cpu_kernels
+
         acc = _accumulator(problem)
-        m = problem.K_per_group
-        wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
-        plan = _Plan(problem, problem.K, problem.C)
-        for batch in plan.batches():
-            xpad = _padded(x[batch], problem)
-            shape = (xpad.shape[0], problem.C, m, *problem.output_size)
-            y = _scratch("gemm", shape, acc, zero=True)
-            product = _scratch("col", shape, acc)
-            for tap in plan.taps:
-                np.multiply(_tap_view(xpad, problem, tap)[:, :, None],
-                            wm[(slice(None), slice(None), *tap)][None, :, :, None, None, None], out=product)
-                y += product
-            if bias is not None:
-                y += bias.reshape(1, problem.C, m, 1, 1, 1)
-            np.copyto(out[batch], y.reshape(y.shape[0], problem.K, *problem.output_size), casting="unsafe")
+        bias_acc = np.zeros(problem.K, acc) if bias is None else np.ascontiguousarray(bias, dtype=acc)
+        wt = _depthwise_weight(w, acc)
+        for batch in _depthwise_batches(problem, x, out):
+            y = _kernel_output(out[batch], problem.channels_last, acc)
+            cpu_kernels.depthwise_forward(_kernel_operand(x[batch], problem.channels_last, acc, "x"), wt, bias_acc, y,
+                                          problem.stride, problem.dilation, problem.pad_before, problem.channels_last)
+            _store_kernel_output(out[batch], y, problem.channels_last)
 
     def _depthwise_grad_input(self, dy, w, problem, out) -> None:
+        from . import cpu_kernels
+
         acc = _accumulator(problem)
-        m = problem.K_per_group
-        wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
-        padded_shape = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
-        plan = _Plan(problem, problem.K, problem.C)
-        for batch in plan.batches():
-            dyb = np.asarray(dy[batch], dtype=acc)
-            dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
-            dxpad = np.zeros((dyb.shape[0], problem.C, *padded_shape), dtype=acc)
-            for tap in plan.taps:
-                contribution = np.einsum("ncjzpq,cj->nczpq", dyb, wm[(slice(None), slice(None), *tap)])
-                _tap_view(dxpad, problem, tap).__iadd__(contribution)
-            np.copyto(out[batch], dxpad[(slice(None), slice(None), *_interior(problem))], casting="unsafe")
+        wt = _depthwise_weight(w, acc)
+        for batch in _depthwise_batches(problem, dy, out):
+            dx = _kernel_output(out[batch], problem.channels_last, acc)
+            cpu_kernels.depthwise_grad_input(_kernel_operand(dy[batch], problem.channels_last, acc, "dy"), wt, dx,
+                                             problem.stride, problem.dilation, problem.pad_before,
+                                             problem.channels_last)
+            _store_kernel_output(out[batch], dx, problem.channels_last)
 
     def _depthwise_grad_weight(self, x, dy, problem, out) -> None:
+        from . import cpu_kernels
+
         acc = _accumulator(problem)
-        m = problem.K_per_group
-        dw = np.zeros((problem.C, m, *problem.kernel_size), dtype=acc)
-        plan = _Plan(problem, problem.K, problem.C)
-        for batch in plan.batches():
-            xpad = _padded(x[batch], problem)
-            dyb = np.asarray(dy[batch], dtype=acc)
-            dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
-            for tap in plan.taps:
-                dw[(slice(None), slice(None), *tap)] += np.einsum("nczpq,ncjzpq->cj", _tap_view(xpad, problem, tap), dyb)
-        np.copyto(out, dw.reshape(problem.K, 1, *problem.kernel_size), casting="unsafe")
+        total = np.zeros((problem.K, math.prod(problem.kernel_size)), acc)
+        for batch in _depthwise_batches(problem, x, dy):
+            cpu_kernels.depthwise_grad_weight(_kernel_operand(x[batch], problem.channels_last, acc, "x"),
+                                              _kernel_operand(dy[batch], problem.channels_last, acc, "dy"), total,
+                                              problem.kernel_size, problem.stride, problem.dilation,
+                                              problem.pad_before, problem.channels_last)
+        np.copyto(out, total.reshape(problem.K, 1, *problem.kernel_size), casting="unsafe")
+
+
+def _depthwise_weight(w: np.ndarray, acc: type) -> np.ndarray:
+    """(K, 1, T, R, S) -> (T, R, S, K) contiguous in ``acc``: a tap's weights for every channel side by side."""
+    return np.ascontiguousarray(w[:, 0].transpose(1, 2, 3, 0), dtype=acc)
+
+
+def _depthwise_batches(problem: ConvProblem, *arrays: np.ndarray) -> Iterator[slice]:
+    """Batch chunks for the depthwise kernels.
+
+    Float32 and float64 arrays go to the kernels as they are, in one chunk.  16-bit arrays
+    are widened to float32 per chunk (and 16-bit outputs computed in a float32 temporary),
+    so the chunk keeps those temporaries near the cache-sized target.
+    """
+    N = problem.N
+    acc = _accumulator(problem)
+    if all(a.dtype == acc for a in arrays):
+        yield slice(0, N)
+        return
+    itemsize = np.dtype(acc).itemsize
+    per_image = sum(itemsize * math.prod(a.shape[1:]) for a in arrays if a.dtype != acc)
+    step = max(1, min(N, min(_workspace_bytes(), _CHUNK_TARGET_BYTES) // max(per_image, 1)))
+    for start in range(0, N, step):
+        yield slice(start, min(start + step, N))
+
+
+def _kernel_order(a: np.ndarray, channels_last: bool) -> np.ndarray:
+    """A logical (n, c, D, H, W) view in the kernels' element order: channel axis last for channels-last."""
+    return a.transpose(0, 2, 3, 4, 1) if channels_last else a
+
+
+def _kernel_operand(a: np.ndarray, channels_last: bool, acc: type, role: str) -> np.ndarray:
+    """An input for the kernels: the caller's memory when already in ``acc``, else a widened copy."""
+    view = _kernel_order(a, channels_last)
+    if view.dtype == acc:
+        return view
+    widened = _scratch(role, view.shape, acc)
+    np.copyto(widened, view)
+    return widened
+
+
+def _kernel_output(out: np.ndarray, channels_last: bool, acc: type) -> np.ndarray:
+    """Where a kernel writes: ``out`` itself when it is in ``acc``, else a temporary rounded by the store."""
+    view = _kernel_order(out, channels_last)
+    return view if view.dtype == acc else _scratch("depthwise_out", view.shape, acc)
+
+
+def _store_kernel_output(out: np.ndarray, result: np.ndarray, channels_last: bool) -> None:
+    view = _kernel_order(out, channels_last)
+    if result is not view:
+        np.copyto(view, result, casting="unsafe")
