@@ -53,9 +53,10 @@ _LAUNCH_LOCK = threading.Lock()
 _jit = numba.njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 _inline = numba.njit(cache=True, inline="always", error_model="numpy")
 
-#: Output channels per wgrad work item in channels-last order: one item covers whole
-#: cache lines of every row it reads.
-_WGRAD_CHANNEL_BLOCK = 16
+#: Channels-last wgrad: output rows per work item, and at most this many items (each holds
+#: a partial gradient of K·T·R·S sums, added in item order at the end).
+_WGRAD_ROWS_PER_ITEM = 8
+_WGRAD_MAX_ITEMS = 512
 
 
 @_inline
@@ -77,6 +78,24 @@ def _source_index(position, pad, tap, dilation, stride, outputs):
     return index if index < outputs else -1
 
 
+@_inline
+def _column_ranges(S, sw, dw, pw, W, Q):
+    """Per tap s along W: the column offset (input column of output q is q·sw + offset) and the valid outputs [lo, hi).
+
+    Computed once per call: the divisions in it cost more than a short row of multiply-adds.
+    """
+    offsets = np.empty(S, np.int64)
+    lo = np.empty(S, np.int64)
+    hi = np.empty(S, np.int64)
+    for s in range(S):
+        offsets[s] = s * dw - pw
+        lo[s], hi[s] = _valid_outputs(offsets[s], sw, W, Q)
+    return offsets, lo, hi
+
+
+# The innermost planar loops index with unsigned integers: a signed index makes Numba test
+# it for wrap-around (negative indices count from the end), a branch per element that also
+# blocks vectorisation.  The ranges above keep every such index in bounds and non-negative.
 # -- fprop -------------------------------------------------------------------------------
 @_jit
 def _forward_planar(x, wt, bias, y, sd, sh, sw, dd, dh, dw, pd, ph, pw):
@@ -84,6 +103,7 @@ def _forward_planar(x, wt, bias, y, sd, sh, sw, dd, dh, dw, pd, ph, pw):
     K, Z, P, Q = y.shape[1], y.shape[2], y.shape[3], y.shape[4]
     T, R, S = wt.shape[0], wt.shape[1], wt.shape[2]
     m = K // C
+    offsets, lo, hi = _column_ranges(S, sw, dw, pw, W, Q)
     for nk in numba.prange(N * K):
         n = nk // K
         k = nk - n * K
@@ -101,11 +121,10 @@ def _forward_planar(x, wt, bias, y, sd, sh, sw, dd, dh, dw, pd, ph, pw):
                         if h < 0 or h >= H:
                             continue
                         for s in range(S):
-                            offset = s * dw - pw
-                            q0, q1 = _valid_outputs(offset, sw, W, Q)
+                            offset = offsets[s]
                             weight = wt[t, r, s, k]
-                            for q in range(q0, q1):
-                                row[q] += x[n, c, d, h, q * sw + offset] * weight
+                            for q in range(lo[s], hi[s]):
+                                row[np.uint64(q)] += x[n, c, d, h, np.uint64(q * sw + offset)] * weight
                 for q in range(Q):
                     y[n, k, z, p, q] = row[q] + bias[k]
 
@@ -154,6 +173,7 @@ def _grad_input_planar(dy, wt, dx, sd, sh, sw, dd, dh, dw, pd, ph, pw):
     K, Z, P, Q = dy.shape[1], dy.shape[2], dy.shape[3], dy.shape[4]
     T, R, S = wt.shape[0], wt.shape[1], wt.shape[2]
     m = K // C
+    offsets, lo, hi = _column_ranges(S, sw, dw, pw, W, Q)
     for nc in numba.prange(N * C):
         n = nc // C
         c = nc - n * C
@@ -171,13 +191,12 @@ def _grad_input_planar(dy, wt, dx, sd, sh, sw, dd, dh, dw, pd, ph, pw):
                             continue
                         for s in range(S):
                             # Output q of this tap reads input column q·sw + offset.
-                            offset = s * dw - pw
-                            q0, q1 = _valid_outputs(offset, sw, W, Q)
+                            offset = offsets[s]
                             for j in range(m):
                                 k = c * m + j
                                 weight = wt[t, r, s, k]
-                                for q in range(q0, q1):
-                                    row[q * sw + offset] += dy[n, k, z, p, q] * weight
+                                for q in range(lo[s], hi[s]):
+                                    row[np.uint64(q * sw + offset)] += dy[n, k, z, p, np.uint64(q)] * weight
                 for i in range(W):
                     dx[n, c, d, h, i] = row[i]
 
@@ -218,21 +237,44 @@ def _grad_input_channels_last(dy, wt, dx, sd, sh, sw, dd, dh, dw, pd, ph, pw):
                 dx[n, d, h, i, c] = acc[c]
 
 
-# -- wgrad -------------------------------------------------------------------------------
+# -- wgrad ------------------------------------------------------------------------------
+@_inline
+def _row_sum(rows, tap, Q):
+    """``rows[tap, :Q]`` summed in four interleaved partial sums: four short dependency chains, not one long one."""
+    s0 = rows.dtype.type(0)
+    s1 = s0
+    s2 = s0
+    s3 = s0
+    q = 0
+    while q + 4 <= Q:
+        s0 += rows[tap, q]
+        s1 += rows[tap, q + 1]
+        s2 += rows[tap, q + 2]
+        s3 += rows[tap, q + 3]
+        q += 4
+    while q < Q:
+        s0 += rows[tap, q]
+        q += 1
+    return (s0 + s1) + (s2 + s3)
+
+
 @_jit
 def _grad_weight_planar(x, dy, total, T, R, S, sd, sh, sw, dd, dh, dw, pd, ph, pw):
     N, C, D, H, W = x.shape
     K, Z, P, Q = dy.shape[1], dy.shape[2], dy.shape[3], dy.shape[4]
     m = K // C
     taps = T * R * S
+    offsets, lo, hi = _column_ranges(S, sw, dw, pw, W, Q)
     for k in numba.prange(K):
         c = k // m
+        # Per tap, a row of sums along q: adding whole rows is independent work per q
+        # (vectorisable); the row is summed once per output plane.
+        rows = np.empty((taps, Q), dtype=total.dtype)
         image = np.empty(taps, dtype=total.dtype)
-        plane = np.empty(taps, dtype=total.dtype)
         for n in range(N):
             image[:] = 0
             for z in range(Z):
-                plane[:] = 0
+                rows[:] = 0
                 for p in range(P):
                     for t in range(T):
                         d = z * sd - pd + t * dd
@@ -243,64 +285,63 @@ def _grad_weight_planar(x, dy, total, T, R, S, sd, sh, sw, dd, dh, dw, pd, ph, p
                             if h < 0 or h >= H:
                                 continue
                             for s in range(S):
-                                offset = s * dw - pw
-                                q0, q1 = _valid_outputs(offset, sw, W, Q)
-                                part = total.dtype.type(0)
-                                for q in range(q0, q1):
-                                    part += x[n, c, d, h, q * sw + offset] * dy[n, k, z, p, q]
-                                plane[(t * R + r) * S + s] += part
+                                offset = offsets[s]
+                                tap = (t * R + r) * S + s
+                                for q in range(lo[s], hi[s]):
+                                    u = np.uint64(q)
+                                    rows[tap, u] += x[n, c, d, h, np.uint64(q * sw + offset)] * dy[n, k, z, p, u]
                 for tap in range(taps):
-                    image[tap] += plane[tap]
+                    image[tap] += _row_sum(rows, tap, Q)
             for tap in range(taps):
                 total[k, tap] += image[tap]
 
 
 @_jit
-def _grad_weight_channels_last(x, dy, total, T, R, S, sd, sh, sw, dd, dh, dw, pd, ph, pw, block):
+def _grad_weight_channels_last(x, dy, total, T, R, S, sd, sh, sw, dd, dh, dw, pd, ph, pw, rows_per_item):
     N, D, H, W, C = x.shape
     Z, P, Q, K = dy.shape[1], dy.shape[2], dy.shape[3], dy.shape[4]
     m = K // C
     taps = T * R * S
-    for b in numba.prange((K + block - 1) // block):
-        k0 = b * block
-        width = min(K, k0 + block) - k0
-        image = np.empty((taps, width), dtype=total.dtype)
-        plane = np.empty((taps, width), dtype=total.dtype)
-        part = np.empty(width, dtype=total.dtype)
-        for n in range(N):
-            image[:] = 0
-            for z in range(Z):
-                plane[:] = 0
-                for p in range(P):
-                    for t in range(T):
-                        d = z * sd - pd + t * dd
-                        if d < 0 or d >= D:
+    blocks = (P + rows_per_item - 1) // rows_per_item
+    items = N * Z * blocks
+    # Work items are fixed runs of output rows (by the problem, not the thread count); each
+    # sums its rows into its own partial gradient, read along the contiguous channel axis.
+    partials = np.zeros((items, taps, K), dtype=total.dtype)
+    for item in numba.prange(items):
+        n = item // (Z * blocks)
+        z = (item // blocks) % Z
+        p_start = (item % blocks) * rows_per_item
+        part = partials[item]
+        for p in range(p_start, min(P, p_start + rows_per_item)):
+            for q in range(Q):
+                for t in range(T):
+                    d = z * sd - pd + t * dd
+                    if d < 0 or d >= D:
+                        continue
+                    for r in range(R):
+                        h = p * sh - ph + r * dh
+                        if h < 0 or h >= H:
                             continue
-                        for r in range(R):
-                            h = p * sh - ph + r * dh
-                            if h < 0 or h >= H:
+                        for s in range(S):
+                            i = q * sw - pw + s * dw
+                            if i < 0 or i >= W:
                                 continue
-                            for s in range(S):
-                                offset = s * dw - pw
-                                q0, q1 = _valid_outputs(offset, sw, W, Q)
-                                part[:] = 0
-                                for q in range(q0, q1):
-                                    i = q * sw + offset
-                                    if m == 1:
-                                        for kk in range(width):
-                                            part[kk] += x[n, d, h, i, k0 + kk] * dy[n, z, p, q, k0 + kk]
-                                    else:
-                                        for kk in range(width):
-                                            part[kk] += x[n, d, h, i, (k0 + kk) // m] * dy[n, z, p, q, k0 + kk]
-                                tap = (t * R + r) * S + s
-                                for kk in range(width):
-                                    plane[tap, kk] += part[kk]
-                for tap in range(taps):
-                    for kk in range(width):
-                        image[tap, kk] += plane[tap, kk]
-            for tap in range(taps):
-                for kk in range(width):
-                    total[k0 + kk, tap] += image[tap, kk]
+                            tap = (t * R + r) * S + s
+                            if m == 1:
+                                for k in range(K):
+                                    part[tap, k] += x[n, d, h, i, k] * dy[n, z, p, q, k]
+                            else:
+                                for c in range(C):
+                                    value = x[n, d, h, i, c]
+                                    for j in range(m):
+                                        part[tap, c * m + j] += value * dy[n, z, p, q, c * m + j]
+    # Partials added in item order: the same sum for any thread count.
+    for k in numba.prange(K):
+        for tap in range(taps):
+            acc = total.dtype.type(0)
+            for item in range(items):
+                acc += partials[item, tap, k]
+            total[k, tap] += acc
 
 
 # -- entry points ------------------------------------------------------------------------
@@ -354,6 +395,8 @@ def depthwise_grad_weight(x: np.ndarray, dy: np.ndarray, total: np.ndarray, kern
     geometry = _geometry(stride, dilation, pad_before)
     with _LAUNCH_LOCK:
         if channels_last:
-            _grad_weight_channels_last(x, dy, total, T, R, S, *geometry, _WGRAD_CHANNEL_BLOCK)
+            N, Z, P = dy.shape[:3]
+            rows_per_item = max(_WGRAD_ROWS_PER_ITEM, -(-N * Z * P // _WGRAD_MAX_ITEMS))
+            _grad_weight_channels_last(x, dy, total, T, R, S, *geometry, rows_per_item)
         else:
             _grad_weight_planar(x, dy, total, T, R, S, *geometry)

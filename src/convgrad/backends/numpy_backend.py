@@ -343,34 +343,35 @@ class NumpyBackend(Backend):
         acc = _accumulator(problem)
         bias_acc = np.zeros(problem.K, acc) if bias is None else np.ascontiguousarray(bias, dtype=acc)
         wt = _depthwise_weight(w, acc)
-        for batch in _depthwise_batches(problem, x, out):
-            y = _kernel_output(out[batch], problem.channels_last, acc)
-            cpu_kernels.depthwise_forward(_kernel_operand(x[batch], problem.channels_last, acc, "x"), wt, bias_acc, y,
-                                          problem.stride, problem.dilation, problem.pad_before, problem.channels_last)
-            _store_kernel_output(out[batch], y, problem.channels_last)
+        order = _DepthwiseOrder(problem)
+        for batch in order.batches(x, out):
+            y = order.output(out[batch])
+            cpu_kernels.depthwise_forward(order.operand(x[batch], "x"), wt, bias_acc, y, problem.stride,
+                                          problem.dilation, problem.pad_before, order.channels_last)
+            order.store(out[batch], y)
 
     def _depthwise_grad_input(self, dy, w, problem, out) -> None:
         from . import cpu_kernels
 
         acc = _accumulator(problem)
         wt = _depthwise_weight(w, acc)
-        for batch in _depthwise_batches(problem, dy, out):
-            dx = _kernel_output(out[batch], problem.channels_last, acc)
-            cpu_kernels.depthwise_grad_input(_kernel_operand(dy[batch], problem.channels_last, acc, "dy"), wt, dx,
-                                             problem.stride, problem.dilation, problem.pad_before,
-                                             problem.channels_last)
-            _store_kernel_output(out[batch], dx, problem.channels_last)
+        order = _DepthwiseOrder(problem)
+        for batch in order.batches(dy, out):
+            dx = order.output(out[batch])
+            cpu_kernels.depthwise_grad_input(order.operand(dy[batch], "dy"), wt, dx, problem.stride,
+                                             problem.dilation, problem.pad_before, order.channels_last)
+            order.store(out[batch], dx)
 
     def _depthwise_grad_weight(self, x, dy, problem, out) -> None:
         from . import cpu_kernels
 
         acc = _accumulator(problem)
         total = np.zeros((problem.K, math.prod(problem.kernel_size)), acc)
-        for batch in _depthwise_batches(problem, x, dy):
-            cpu_kernels.depthwise_grad_weight(_kernel_operand(x[batch], problem.channels_last, acc, "x"),
-                                              _kernel_operand(dy[batch], problem.channels_last, acc, "dy"), total,
+        order = _DepthwiseOrder(problem)
+        for batch in order.batches(x, dy):
+            cpu_kernels.depthwise_grad_weight(order.operand(x[batch], "x"), order.operand(dy[batch], "dy"), total,
                                               problem.kernel_size, problem.stride, problem.dilation,
-                                              problem.pad_before, problem.channels_last)
+                                              problem.pad_before, order.channels_last)
         np.copyto(out, total.reshape(problem.K, 1, *problem.kernel_size), casting="unsafe")
 
 
@@ -379,47 +380,57 @@ def _depthwise_weight(w: np.ndarray, acc: type) -> np.ndarray:
     return np.ascontiguousarray(w[:, 0].transpose(1, 2, 3, 0), dtype=acc)
 
 
-def _depthwise_batches(problem: ConvProblem, *arrays: np.ndarray) -> Iterator[slice]:
-    """Batch chunks for the depthwise kernels.
+# Planar (NCDHW) depthwise loops run along output rows; below this many outputs per row the
+# loop overhead per row and tap dominates, and copying to channels-last order (where the
+# loops run along the channels instead) and back is faster, copies included.
+_PLANAR_MIN_ROW = 32
 
-    Float32 and float64 arrays go to the kernels as they are, in one chunk.  16-bit arrays
-    are widened to float32 per chunk (and 16-bit outputs computed in a float32 temporary),
-    so the chunk keeps those temporaries near the cache-sized target.
+
+class _DepthwiseOrder:
+    """Which element order the depthwise kernels run in, and the copies that puts the arrays in it.
+
+    Channels-last callers' arrays go to the channels-last kernels as they are.  Planar arrays
+    go to the planar kernels, unless the output rows are short; then they are copied into
+    channels-last order.  16-bit arrays are widened to float32 in the same copy, and outputs
+    that are copied computed in a float32 temporary and rounded once on store.  Copies are
+    made per batch chunk, so they stay near the cache-sized target.
     """
-    N = problem.N
-    acc = _accumulator(problem)
-    if all(a.dtype == acc for a in arrays):
-        yield slice(0, N)
-        return
-    itemsize = np.dtype(acc).itemsize
-    per_image = sum(itemsize * math.prod(a.shape[1:]) for a in arrays if a.dtype != acc)
-    step = max(1, min(N, min(_workspace_bytes(), _CHUNK_TARGET_BYTES) // max(per_image, 1)))
-    for start in range(0, N, step):
-        yield slice(start, min(start + step, N))
 
+    def __init__(self, problem: ConvProblem) -> None:
+        self.problem = problem
+        self.acc = _accumulator(problem)
+        self.channels_last = problem.channels_last or problem.output_size[2] < _PLANAR_MIN_ROW
+        self.transposed = self.channels_last and not problem.channels_last
 
-def _kernel_order(a: np.ndarray, channels_last: bool) -> np.ndarray:
-    """A logical (n, c, D, H, W) view in the kernels' element order: channel axis last for channels-last."""
-    return a.transpose(0, 2, 3, 4, 1) if channels_last else a
+    def _view(self, a: np.ndarray) -> np.ndarray:
+        return a.transpose(0, 2, 3, 4, 1) if self.channels_last else a
 
+    def _copied(self, a: np.ndarray) -> bool:
+        return self.transposed or a.dtype != self.acc
 
-def _kernel_operand(a: np.ndarray, channels_last: bool, acc: type, role: str) -> np.ndarray:
-    """An input for the kernels: the caller's memory when already in ``acc``, else a widened copy."""
-    view = _kernel_order(a, channels_last)
-    if view.dtype == acc:
-        return view
-    widened = _scratch(role, view.shape, acc)
-    np.copyto(widened, view)
-    return widened
+    def batches(self, *arrays: np.ndarray) -> Iterator[slice]:
+        N = self.problem.N
+        itemsize = np.dtype(self.acc).itemsize
+        per_image = sum(itemsize * math.prod(a.shape[1:]) for a in arrays if self._copied(a))
+        step = N if not per_image else max(1, min(N, min(_workspace_bytes(), _CHUNK_TARGET_BYTES) // per_image))
+        for start in range(0, N, step):
+            yield slice(start, min(start + step, N))
 
+    def operand(self, a: np.ndarray, role: str) -> np.ndarray:
+        """An input in the kernels' order and ``acc``: the caller's memory when possible, else a copy."""
+        view = self._view(a)
+        if not self._copied(a):
+            return view
+        copy = _scratch(role, view.shape, self.acc)
+        np.copyto(copy, view)
+        return copy
 
-def _kernel_output(out: np.ndarray, channels_last: bool, acc: type) -> np.ndarray:
-    """Where a kernel writes: ``out`` itself when it is in ``acc``, else a temporary rounded by the store."""
-    view = _kernel_order(out, channels_last)
-    return view if view.dtype == acc else _scratch("depthwise_out", view.shape, acc)
+    def output(self, out: np.ndarray) -> np.ndarray:
+        """Where a kernel writes: ``out`` itself when possible, else a temporary that ``store`` copies back."""
+        view = self._view(out)
+        return _scratch("depthwise_out", view.shape, self.acc) if self._copied(out) else view
 
-
-def _store_kernel_output(out: np.ndarray, result: np.ndarray, channels_last: bool) -> None:
-    view = _kernel_order(out, channels_last)
-    if result is not view:
-        np.copyto(view, result, casting="unsafe")
+    def store(self, out: np.ndarray, result: np.ndarray) -> None:
+        view = self._view(out)
+        if result is not view:
+            np.copyto(view, result, casting="unsafe")
