@@ -16,35 +16,43 @@ and the weight packed as ``wt`` ``(T, R, S, K)``.  Output channel ``k = c·m + j
 ``m = K / C``) reads input channel ``c``.
 
 Determinism: each output element is written by exactly one loop iteration, and its terms
-are added in one fixed order that depends neither on the thread count nor on the layout:
+are added in one fixed order:
 
 * fprop: taps in (t, r, s) order; then the bias.
 * dgrad: taps in (t, r, s) order, and for each tap the multiplier index ``j``.
-* wgrad: per image, per output plane ``z``, per output row ``p``: the row's products summed
-  along ``q``; rows added into a plane sum, planes into an image sum, images into the total.
-  The three levels keep each running sum short (float32 over a 112×112 image stays accurate)
-  without a second pass.  No atomics: threads own whole output channels.
+* wgrad, planar: threads own whole output channels.  Per image and output plane ``z``, each
+  tap's products are added row by row into a row of sums along ``q`` (independent work per
+  ``q``, so the loop vectorises), the row is summed in four interleaved partial sums, planes
+  into an image sum, images into the total.
+* wgrad, channels-last: the output rows are cut into fixed runs (set by the problem, never
+  by the thread count); each run sums its rows into its own partial gradient, reading along
+  the contiguous channel axis, and the partials are added in run order.
 
-Both layouts follow the same orders, so they give the same bits.  The loops pair every
-product the float64 reference makes and nothing else (padding is skipped, not read as
-zero), so NaN and infinity propagate exactly as in the reference.
+No atomics, and no sum whose order depends on the thread count: results are bit-identical
+run to run and for any number of threads.  The loops pair every product the float64
+reference makes and nothing else (padding is skipped, not read as zero), so NaN and
+infinity propagate exactly as in the reference.
 
 Threading: Numba's threading layer is pinned to ``workqueue`` before anything here
-compiles.  Its ``omp`` layer, picked by default when present, is not safe to ``fork``
-under GNU OpenMP, and PyTorch's DataLoader workers and DDP fork.  ``workqueue`` aborts the
+compiles (unless ``NUMBA_THREADING_LAYER`` names one).  Its ``omp`` layer, picked by
+default when present, is not safe to ``fork`` under GNU OpenMP, and PyTorch's DataLoader
+workers and DDP fork.  ``workqueue`` aborts the
 process if two threads launch a parallel kernel at once; the kernels keep the GIL (no
 ``nogil``) and launches also take a lock, so calls from several Python threads queue up.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
 import numpy as np
 
-# Must be set before the first parallel kernel compiles or loads from the cache (see above).
-numba.config.THREADING_LAYER = "workqueue"
+# Must be set before the first parallel kernel runs, which is when Numba starts its threads
+# (see above).  An explicit NUMBA_THREADING_LAYER is the user's choice and stays.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 _LAUNCH_LOCK = threading.Lock()
 

@@ -1,0 +1,116 @@
+"""The numpy backend's compiled depthwise loops (``backends/cpu_kernels.py``): threads and processes.
+
+Their values are checked by the shared suite; here, what the suite cannot see: the sums do
+not depend on the number of threads, Numba runs them on its fork-safe ``workqueue`` layer,
+and a process that has run them can still fork workers (PyTorch's DataLoader) that run them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convgrad
+
+SRC = Path(convgrad.__file__).resolve().parent.parent
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run_child(code: str, timeout: float = 300) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_child_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# (channels_last, spatial): long planar rows take the planar loops, short ones the channels-last loops.
+GEOMETRIES = [(False, (9, 40)), (False, (9, 10)), (True, (9, 10))]
+
+
+@pytest.mark.parametrize(("channels_last", "spatial"), GEOMETRIES, ids=["planar", "planar-short-rows", "nhwc"])
+def test_results_do_not_depend_on_the_thread_count(channels_last, spatial):
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("Numba has one thread here: set NUMBA_NUM_THREADS=2 to run this test")
+    rng = np.random.default_rng(0)
+    N, C, m = 3, 24, 2
+    x = rng.standard_normal((N, C, *spatial)).astype(np.float32)
+    w = rng.standard_normal((C * m, 1, 3, 3)).astype(np.float32)
+    if channels_last:
+        x, w = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), np.ascontiguousarray(w.transpose(0, 2, 3, 1))
+    geometry = dict(stride=(1, 2), padding=1, groups=C, channels_last=channels_last, backend="numpy")
+    dy = rng.standard_normal(convgrad.conv2d(x, w, **geometry).shape).astype(np.float32)
+
+    def run() -> list[bytes]:
+        return [convgrad.conv2d(x, w, **geometry).tobytes(), convgrad.conv2d_input(x.shape, w, dy, **geometry).tobytes(),
+                convgrad.conv2d_weight(x, w.shape, dy, **geometry).tobytes()]
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(min(4, numba.config.NUMBA_NUM_THREADS))
+        many = run()
+    finally:
+        numba.set_num_threads(before)
+    assert one == many, "a pass's bits changed with the number of threads"
+
+
+def test_the_threading_layer_is_workqueue():
+    out = _run_child("""
+        import numpy as np, numba, convgrad
+        x = np.ones((1, 4, 6, 6), np.float32)
+        convgrad.conv2d(x, np.ones((4, 1, 3, 3), np.float32), groups=4, backend="numpy")
+        print(numba.threading_layer())
+    """)
+    assert out.split()[-1] == "workqueue"
+
+
+def test_forked_dataloader_workers_run_the_kernels():
+    """After the parent has run a parallel kernel, forked DataLoader workers run them and get exact values."""
+    pytest.importorskip("torch")
+    out = _run_child("""
+        import numpy as np, torch, convgrad
+        from torch.utils.data import DataLoader, Dataset
+        from convgrad.problem import conv_problem
+        from convgrad.testing import reference_forward
+        
+        # Small integers: every sum is exact in float32, so results equal the float64 reference.
+        W = (np.arange(4 * 9) % 5 - 2).astype(np.float32).reshape(4, 1, 3, 3)
+        PROBLEM = conv_problem("conv2d", 2, (2, 4, 7, 40), W.shape, 1, 1, 1, 4, dtype="float32")
+
+        def image(i):
+            return (np.arange(2 * 4 * 7 * 40) % (5 + i) - 2).astype(np.float32).reshape(2, 4, 7, 40)
+
+        def depthwise(i):
+            return convgrad.conv2d(image(i), W, padding=1, groups=4, backend="numpy")
+
+        class Convolved(Dataset):
+            def __len__(self):
+                return 6
+
+            def __getitem__(self, i):
+                return torch.from_numpy(depthwise(i))
+
+        depthwise(0)  # the parent starts Numba's threads before forking
+        loader = DataLoader(Convolved(), batch_size=None, num_workers=2, multiprocessing_context="fork")
+        got = [batch.numpy() for batch in loader]
+        assert len(got) == 6
+        for i, result in enumerate(got):
+            exact = reference_forward(image(i)[:, :, None].astype(np.float64), W[:, :, None].astype(np.float64),
+                                      PROBLEM)[:, :, 0]
+            assert np.array_equal(result, exact), i
+        print("ok", len(got))
+    """, timeout=600)
+    assert out.split()[-2:] == ["ok", "6"]
