@@ -118,8 +118,8 @@ CASES: tuple[ConvCase, ...] = (
     ConvCase(3, 2, 4, 4, (6, 5, 4), (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), dilation=(2, 1, 1), groups=2,
              channels_last=True),
     # Depthwise in every rank and layout: a multiplier of 2 with stride, dilation and
-    # asymmetric padding; channels-last, sliced; more channels than a CPU wgrad work item
-    # covers.  Output rows of 32 or more (the first, third and fourth) take the numpy
+    # asymmetric padding; channels-last, sliced; channels-last with 20 channels, a
+    # multiplier of 2 and stride 2.  Output rows of 32 or more (the first, third and fourth) take the numpy
     # backend's planar loops, shorter ones its channels-last loops; the emulators skip the
     # larger ones.
     ConvCase(1, 2, 5, 10, (71,), (5,), stride=2, padding=((3, 1),), dilation=2, groups=5),
