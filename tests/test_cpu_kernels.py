@@ -114,3 +114,29 @@ def test_forked_dataloader_workers_run_the_kernels():
         print("ok", len(got))
     """, timeout=600)
     assert out.split()[-2:] == ["ok", "6"]
+
+
+def test_a_child_forked_while_another_thread_launches_runs_the_kernels():
+    """The launch lock is new in a forked child, even if a parent thread held it at the fork."""
+    out = _run_child("""
+        import os, time, numpy as np, convgrad
+        from convgrad.backends import cpu_kernels
+
+        x, w = np.ones((1, 4, 6, 6), np.float32), np.ones((4, 1, 3, 3), np.float32)
+        convgrad.conv2d(x, w, groups=4, backend="numpy")
+        with cpu_kernels._LAUNCH_LOCK:  # as if another thread were inside a launch
+            pid = os.fork()
+            if pid == 0:
+                y = convgrad.conv2d(x, w, groups=4, backend="numpy")
+                os._exit(0 if float(y[0, 0, 0, 0]) == 9.0 else 1)
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("exit", os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            print("hung")
+    """)
+    assert out.split()[-2:] == ["exit", "0"]

@@ -56,6 +56,15 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 _LAUNCH_LOCK = threading.Lock()
 
+
+def _new_lock_in_child() -> None:
+    # A child forked while another thread held the lock would otherwise wait for it forever.
+    global _LAUNCH_LOCK
+    _LAUNCH_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
 # fastmath=False: no reassociation, so the summation orders above are the ones executed.
 # error_model="numpy": integer division without a Python ZeroDivisionError check per element.
 _jit = numba.njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
