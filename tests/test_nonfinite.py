@@ -46,14 +46,17 @@ WHERE = ("corner", "edge", "centre")
 _UNWRITTEN = 0.5
 
 
-def _problem(stride: int, padding: int):
-    return conv_problem("conv2d", 2, (N, C, SIZE, SIZE), (K, C, KERNEL, KERNEL), stride, padding, 1, 1,
+def _problem(stride: int, padding: int, groups: int = 1):
+    """The dense problem, or with ``groups == C`` a depthwise one with a channel multiplier of 2."""
+    filters = K if groups == 1 else 2 * C
+    return conv_problem("conv2d", 2, (N, C, SIZE, SIZE), (filters, C // groups, KERNEL, KERNEL), stride, padding,
+                        1, groups,
                         dtype="float32")
 
 
 def _shapes(problem) -> dict[str, tuple[int, ...]]:
     P, Q = problem.output_size[1:]
-    return {"x": (N, C, SIZE, SIZE), "w": (K, C, KERNEL, KERNEL), "dy": (N, K, P, Q)}
+    return {"x": (N, C, SIZE, SIZE), "w": (problem.K, problem.C_per_group, KERNEL, KERNEL), "dy": (N, problem.K, P, Q)}
 
 
 def _position(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
@@ -137,19 +140,19 @@ def check_rule(result: np.ndarray, exact: np.ndarray, zero_fill: np.ndarray, nam
 
 
 def run_placement(backend: str | Backend, pass_: str, stride: int, padding: int,
-                  placement: tuple[tuple[str, str, str], ...], *, exact: bool = False) -> None:
+                  placement: tuple[tuple[str, str, str], ...], groups: int = 1, *, exact: bool = False) -> None:
     """Put the non-finite values of ``placement`` ((operand, where, value), ...) in place, run, check the rule.
 
     ``exact``: allow no extra NaN at all; the result must equal the reference everywhere.
     """
-    problem = _problem(stride, padding)
+    problem = _problem(stride, padding, groups)
     arrays = _operands(problem, seed=stride * 10 + padding)
     for operand, where, value in placement:
         arrays[operand][_position(arrays[operand].shape, where)] = VALUES[value]
     first, second = (arrays[role] for role in OPERANDS[pass_])
-    geometry = {"stride": stride, "padding": padding, "backend": backend}
+    geometry = {"stride": stride, "padding": padding, "groups": groups, "backend": backend}
     if pass_ == "fprop":
-        out = np.full((N, K, *problem.output_size[1:]), _UNWRITTEN, DTYPE)
+        out = np.full((N, problem.K, *problem.output_size[1:]), _UNWRITTEN, DTYPE)
         result = convgrad.conv2d(arrays["x"], arrays["w"], out=out, **geometry)
     elif pass_ == "dgrad":
         out = np.full(arrays["x"].shape, _UNWRITTEN, DTYPE)
@@ -161,7 +164,7 @@ def run_placement(backend: str | Backend, pass_: str, stride: int, padding: int,
         expected = _reference(pass_, first, second, problem)
     label = " ".join("/".join(p) for p in placement)
     zero_fill = np.zeros(expected.shape, bool) if exact else meets_zero_fill(pass_, second, problem)
-    check_rule(result, expected, zero_fill, f"{pass_} s{stride} p{padding} {label}")
+    check_rule(result, expected, zero_fill, f"{pass_} s{stride} p{padding} g{groups} {label}")
 
 
 def _single_params():
@@ -197,6 +200,14 @@ def test_non_finite_values_follow_the_rule(backend_name: str, pass_: str, stride
     run_placement(backend_name, pass_, stride, padding, placement)
 
 
+#: Depthwise convolutions (groups == C) take their own kernels on every backend.
+@pytest.mark.parametrize(("pass_", "stride", "padding", "placement"),
+                         [p for p in _single_params() if p.values[3][0][1] != "edge"])
+def test_non_finite_values_follow_the_rule_depthwise(backend_name: str, pass_: str, stride: int, padding: int,
+                                                     placement) -> None:
+    run_placement(backend_name, pass_, stride, padding, placement, groups=C)
+
+
 def _numpy_exact_params():
     """The numpy backend's paths that follow the reference exactly (README, "Errors"): dgrad
     always, fprop and wgrad without padding."""
@@ -217,6 +228,12 @@ def test_exact_check_rejects_extra_nan_at_zero_fill() -> None:
     run_placement("numpy", "fprop", 1, 1, placement)
     with pytest.raises(AssertionError, match="reached an output it never meets"):
         run_placement("numpy", "fprop", 1, 1, placement, exact=True)
+
+@pytest.mark.parametrize(("pass_", "stride", "padding", "placement"),
+                         [p for p in _single_params() if p.values[3][0][1] != "edge"])
+def test_numpy_depthwise_matches_the_reference_exactly(pass_: str, stride: int, padding: int, placement) -> None:
+    """The numpy backend's depthwise loops skip the padding instead of multiplying it: exact in every pass."""
+    run_placement("numpy", pass_, stride, padding, placement, groups=C, exact=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ copy; Python loops run only over batch chunks, groups and kernel taps, never ove
 pixels).  Chunking keeps the temporaries (padded input, ``col``, the GEMM result) under
 the workspace cap (``CONVGRAD_WORKSPACE_MB``, default 256 MiB): first over the batch, and
 when one image's full im2col would not fit, over kernel taps as well, down to one tap at
-a time (shift-GEMM).  Depthwise convolutions skip the GEMM and multiply-add one tap at a
-time over all channels at once.
+a time (shift-GEMM).  Depthwise convolutions skip the GEMM: Numba-compiled direct loops
+(``cpu_kernels``) compute them in the caller's layout.
 
 16-bit inputs are widened to float32 while building ``col`` and the result is rounded
 once on store; float64 stays float64.
@@ -339,54 +339,101 @@ class NumpyBackend(Backend):
                     start += len(taps)
             np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")
 
-    # -- depthwise: one multiply-add per tap over all channels ---------------------------
-    @staticmethod
-    def _multiplier_views(problem: ConvProblem, a: np.ndarray) -> np.ndarray:
-        """(n, K, ...) -> (n, C, K/C, ...): output channel k = c·m + j belongs to input channel c."""
-        return a.reshape(a.shape[0], problem.C, problem.K_per_group, *a.shape[2:])
-
+    # -- depthwise: compiled direct loops (cpu_kernels), chunked over the batch ------------
     def _depthwise_forward(self, x, w, bias, problem, out) -> None:
+        from . import cpu_kernels
+
         acc = _accumulator(problem)
-        m = problem.K_per_group
-        wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
-        plan = _Plan(problem, problem.K, problem.C)
-        for batch in plan.batches():
-            xpad = _padded(x[batch], problem)
-            shape = (xpad.shape[0], problem.C, m, *problem.output_size)
-            y = _scratch("gemm", shape, acc, zero=True)
-            product = _scratch("col", shape, acc)
-            for tap in plan.taps:
-                np.multiply(_tap_view(xpad, problem, tap)[:, :, None],
-                            wm[(slice(None), slice(None), *tap)][None, :, :, None, None, None], out=product)
-                y += product
-            if bias is not None:
-                y += bias.reshape(1, problem.C, m, 1, 1, 1)
-            np.copyto(out[batch], y.reshape(y.shape[0], problem.K, *problem.output_size), casting="unsafe")
+        bias_acc = np.zeros(problem.K, acc) if bias is None else np.ascontiguousarray(bias, dtype=acc)
+        wt = _depthwise_weight(w, acc)
+        order = _DepthwiseOrder(problem)
+        for batch in order.batches(x, out):
+            y = order.output(out[batch])
+            cpu_kernels.depthwise_forward(order.operand(x[batch], "x"), wt, bias_acc, y, problem.stride,
+                                          problem.dilation, problem.pad_before, order.channels_last)
+            order.store(out[batch], y)
 
     def _depthwise_grad_input(self, dy, w, problem, out) -> None:
+        from . import cpu_kernels
+
         acc = _accumulator(problem)
-        m = problem.K_per_group
-        wm = np.asarray(w, dtype=acc).reshape(problem.C, m, *problem.kernel_size)
-        padded_shape = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
-        plan = _Plan(problem, problem.K, problem.C)
-        for batch in plan.batches():
-            dyb = np.asarray(dy[batch], dtype=acc)
-            dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
-            dxpad = np.zeros((dyb.shape[0], problem.C, *padded_shape), dtype=acc)
-            for tap in plan.taps:
-                contribution = np.einsum("ncjzpq,cj->nczpq", dyb, wm[(slice(None), slice(None), *tap)])
-                _tap_view(dxpad, problem, tap).__iadd__(contribution)
-            np.copyto(out[batch], dxpad[(slice(None), slice(None), *_interior(problem))], casting="unsafe")
+        wt = _depthwise_weight(w, acc)
+        order = _DepthwiseOrder(problem)
+        for batch in order.batches(dy, out):
+            dx = order.output(out[batch])
+            cpu_kernels.depthwise_grad_input(order.operand(dy[batch], "dy"), wt, dx, problem.stride,
+                                             problem.dilation, problem.pad_before, order.channels_last)
+            order.store(out[batch], dx)
 
     def _depthwise_grad_weight(self, x, dy, problem, out) -> None:
+        from . import cpu_kernels
+
         acc = _accumulator(problem)
-        m = problem.K_per_group
-        dw = np.zeros((problem.C, m, *problem.kernel_size), dtype=acc)
-        plan = _Plan(problem, problem.K, problem.C)
-        for batch in plan.batches():
-            xpad = _padded(x[batch], problem)
-            dyb = np.asarray(dy[batch], dtype=acc)
-            dyb = dyb.reshape(dyb.shape[0], problem.C, m, *problem.output_size)
-            for tap in plan.taps:
-                dw[(slice(None), slice(None), *tap)] += np.einsum("nczpq,ncjzpq->cj", _tap_view(xpad, problem, tap), dyb)
-        np.copyto(out, dw.reshape(problem.K, 1, *problem.kernel_size), casting="unsafe")
+        total = np.zeros((problem.K, math.prod(problem.kernel_size)), acc)
+        order = _DepthwiseOrder(problem)
+        for batch in order.batches(x, dy):
+            cpu_kernels.depthwise_grad_weight(order.operand(x[batch], "x"), order.operand(dy[batch], "dy"), total,
+                                              problem.kernel_size, problem.stride, problem.dilation,
+                                              problem.pad_before, order.channels_last)
+        np.copyto(out, total.reshape(problem.K, 1, *problem.kernel_size), casting="unsafe")
+
+
+def _depthwise_weight(w: np.ndarray, acc: type) -> np.ndarray:
+    """(K, 1, T, R, S) -> (T, R, S, K) contiguous in ``acc``: a tap's weights for every channel side by side."""
+    return np.ascontiguousarray(w[:, 0].transpose(1, 2, 3, 0), dtype=acc)
+
+
+# Planar (NCDHW) depthwise loops run along output rows; below this many outputs per row the
+# loop overhead per row and tap dominates, and copying to channels-last order (where the
+# loops run along the channels instead) and back is faster, copies included.
+_PLANAR_MIN_ROW = 32
+
+
+class _DepthwiseOrder:
+    """Which element order the depthwise kernels run in, and the copies that puts the arrays in it.
+
+    Channels-last callers' arrays go to the channels-last kernels as they are.  Planar arrays
+    go to the planar kernels, unless the output rows are short; then they are copied into
+    channels-last order.  16-bit arrays are widened to float32 in the same copy, and outputs
+    that are copied computed in a float32 temporary and rounded once on store.  Copies are
+    made per batch chunk, so they stay near the cache-sized target.
+    """
+
+    def __init__(self, problem: ConvProblem) -> None:
+        self.problem = problem
+        self.acc = _accumulator(problem)
+        self.channels_last = problem.channels_last or problem.output_size[2] < _PLANAR_MIN_ROW
+        self.transposed = self.channels_last and not problem.channels_last
+
+    def _view(self, a: np.ndarray) -> np.ndarray:
+        return a.transpose(0, 2, 3, 4, 1) if self.channels_last else a
+
+    def _copied(self, a: np.ndarray) -> bool:
+        return self.transposed or a.dtype != self.acc
+
+    def batches(self, *arrays: np.ndarray) -> Iterator[slice]:
+        N = self.problem.N
+        itemsize = np.dtype(self.acc).itemsize
+        per_image = sum(itemsize * math.prod(a.shape[1:]) for a in arrays if self._copied(a))
+        step = N if not per_image else max(1, min(N, min(_workspace_bytes(), _CHUNK_TARGET_BYTES) // per_image))
+        for start in range(0, N, step):
+            yield slice(start, min(start + step, N))
+
+    def operand(self, a: np.ndarray, role: str) -> np.ndarray:
+        """An input in the kernels' order and ``acc``: the caller's memory when possible, else a copy."""
+        view = self._view(a)
+        if not self._copied(a):
+            return view
+        copy = _scratch(role, view.shape, self.acc)
+        np.copyto(copy, view)
+        return copy
+
+    def output(self, out: np.ndarray) -> np.ndarray:
+        """Where a kernel writes: ``out`` itself when possible, else a temporary that ``store`` copies back."""
+        view = self._view(out)
+        return _scratch("depthwise_out", view.shape, self.acc) if self._copied(out) else view
+
+    def store(self, out: np.ndarray, result: np.ndarray) -> None:
+        view = self._view(out)
+        if result is not view:
+            np.copyto(view, result, casting="unsafe")

@@ -117,6 +117,18 @@ CASES: tuple[ConvCase, ...] = (
     ConvCase(3, 1, 2, 3, (5, 5, 3), (3, 3, 2), padding=1),
     ConvCase(3, 2, 4, 4, (6, 5, 4), (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), dilation=(2, 1, 1), groups=2,
              channels_last=True),
+    # Depthwise in every rank and layout: a multiplier of 2 with stride, dilation and
+    # asymmetric padding; channels-last, sliced; channels-last with 20 channels, a
+    # multiplier of 2 and stride 2.  Output rows of 32 or more (the first, third and fourth) take the numpy
+    # backend's planar loops, shorter ones its channels-last loops; the emulators skip the
+    # larger ones.
+    ConvCase(1, 2, 5, 10, (71,), (5,), stride=2, padding=((3, 1),), dilation=2, groups=5),
+    ConvCase(1, 2, 6, 6, (17,), (3,), padding=1, groups=6, channels_last=True, sliced=True),
+    ConvCase(3, 2, 4, 4, (5, 6, 36), (3, 3, 2), stride=(2, 1, 1), padding=(1, 1, 0), dilation=(1, 1, 2), groups=4,
+             small=False),
+    _c2(2, 3, 3, (5, 33), (3, 3), padding=1, groups=3, sliced=True, small=False),
+    ConvCase(3, 1, 3, 6, (4, 5, 5), (2, 3, 3), stride=(1, 2, 2), padding=1, groups=3, channels_last=True),
+    _c2(2, 20, 40, (7, 8), (3, 3), stride=2, padding=1, groups=20, channels_last=True, small=False),
     _c2(8, 64, 64, (28, 28), (3, 3), padding=1, small=False, slow=True),
     _c2(4, 128, 96, (15, 17), (3, 3), stride=2, padding=1, small=False, slow=True),
     _c2(4, 96, 96, (28, 28), (3, 3), padding=1, groups=96, small=False, slow=True),
