@@ -104,6 +104,16 @@ class Tile:
     def threads(self) -> int:
         return (self.BM // self.TM) * (self.BN // self.TN)
 
+    @property
+    def loads(self) -> int:
+        """Elements of each shared tile (A and B) that one thread stages per step."""
+        return self.BK * self.BM // self.threads
+
+    @property
+    def constants(self) -> tuple[int, int, int, int, int, int]:
+        """``(BM, BN, BK, TM, TN, LOADS)``: the shape as the GEMM core's device functions take it."""
+        return (self.BM, self.BN, self.BK, self.TM, self.TN, self.loads)
+
     def check(self) -> None:
         """The thread-to-element maps of the kernels need these divisibilities."""
         nt = self.threads
@@ -168,16 +178,273 @@ def grad_bias_shared_bytes(threads: int, dtype: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# The dense kernels' GEMM core: device functions
+#
+# Each dense kernel runs the same main loop (gemm_main_loop) and differs only in how a
+# thread reads its elements of A and B for a step (its ``load_step``) and in its epilogue,
+# as the CUDA C kernels share ``gemm_mainloop`` of kernels/gemm_tile.cuh.
+#
+# The device functions are inlined into each kernel at the Numba IR level
+# (``inline="always"``), so the tile constants they receive as arguments are compile-time
+# constants there: local array sizes, fully unrolled loops over a thread's registers, the
+# same code as if each kernel spelt the loop out.  Inlined before typing, they are never
+# compiled on their own, which numba-cuda does only for the GPU present, so compile_ptx
+# still needs none.  They are module-level rather than closures of the kernels: a kernel's
+# closure cells are part of Numba's disk-cache key and must stay plain values.
+
+# Rows of a reduction cursor (reduction_cursor_start): the index is ((t·R + r)·S + s)·inner + c.
+_TAP_T, _TAP_R, _TAP_S, _INNER = 0, 1, 2, 3
+
+
+@cuda.jit(device=True, inline="always")
+def gemm_main_loop(shape, acc, shared, out, steps, stage_at, stage_stride, load_step, loader):
+    """out = this thread's part of the block's tile of A · B, over ``steps`` steps of BK.
+
+    shape: :attr:`Tile.constants`; acc: the accumulator type.
+    shared: the block's dynamic shared memory (:func:`dense_shared_bytes`): A (BK, BM) then
+        B (BK, BN), row-major, in the accumulator type.
+    out: (TM, TN) accumulators; element (i, j) is the block tile's row ``row_t + i·BM/TM``
+        and column ``col_t + j·BN/TN``, with ``row_t, col_t = tid % (BM/TM), tid // (BM/TM)``.
+    steps: the same for every thread of the block, so that every thread reaches every barrier.
+    stage_at, stage_stride: the i-th element (0 <= i < LOADS) a thread stages goes to flat
+        position ``stage_at + i·stage_stride`` of A, and of B (BM == BN: the same position).
+    load_step(shape, acc, loader, a_next, b_next): reads the thread's LOADS elements of A and
+        of B for the next step into a_next and b_next (LOADS,), and moves the cursors held in
+        ``loader`` (local arrays, updated in place) on to the step after.
+
+    On return every thread has passed a barrier after its last read of shared memory.
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    RT = BM // TM
+    CT = BN // TN
+    a_tile = shared[:BK * BM]
+    b_tile = shared[BK * BM:BK * (BM + BN)]
+    a_frag = cuda.local.array(TM, acc)
+    b_frag = cuda.local.array(TN, acc)
+    a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
+    b_next = cuda.local.array(LOADS, acc)
+    tid = cuda.threadIdx.x
+    row_t = tid % RT
+    col_t = tid // RT
+    for i in range(TM):
+        for j in range(TN):
+            out[i, j] = acc(0)
+    # Software pipelining: step s's global loads are issued before step s-1's
+    # multiply-adds, so their latency hides behind the arithmetic.
+    for step in range(steps + 1):
+        if step > 0:
+            for i in range(LOADS):
+                a_tile[stage_at + i * stage_stride] = a_next[i]
+                b_tile[stage_at + i * stage_stride] = b_next[i]
+            # The tiles must be complete before any thread multiplies from them.
+            cuda.syncthreads()
+        if step < steps:
+            load_step(shape, acc, loader, a_next, b_next)
+        if step > 0:
+            for kk in range(BK):
+                for i in range(TM):
+                    a_frag[i] = a_tile[kk * BM + row_t + i * RT]
+                for j in range(TN):
+                    b_frag[j] = b_tile[kk * BN + col_t + j * CT]
+                for i in range(TM):
+                    for j in range(TN):
+                        out[i, j] += a_frag[i] * b_frag[j]
+            # Every thread must be done reading before the next step overwrites the tiles.
+            cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline="always")
+def reduction_cursor_start(cursor, first, stride, inner, S, R):
+    """Column i of cursor (4, LOADS) int64 := (t, r, s, c) of reduction index ``first + i·stride``.
+
+    The index is ``((t·R + r)·S + s)·inner + c``; t is not reduced, so an index past the
+    end of the reduction has t at or past its extent.
+    """
+    for i in range(cursor.shape[1]):
+        kk = first + i * stride
+        cursor[_INNER, i] = kk % inner
+        tap = kk // inner
+        cursor[_TAP_S, i] = tap % S
+        tap //= S
+        cursor[_TAP_R, i] = tap % R
+        cursor[_TAP_T, i] = tap // R
+
+
+@cuda.jit(device=True, inline="always")
+def reduction_cursor_advance(cursor, i, by, inner, S, R):
+    """Move column i of ``cursor`` on by ``by`` reduction indices, without integer division."""
+    c = cursor[_INNER, i] + by
+    s = cursor[_TAP_S, i]
+    r = cursor[_TAP_R, i]
+    t = cursor[_TAP_T, i]
+    while c >= inner:
+        c -= inner
+        s += 1
+        if s == S:
+            s = 0
+            r += 1
+            if r == R:
+                r = 0
+                t += 1
+    cursor[_INNER, i] = c
+    cursor[_TAP_T, i] = t
+    cursor[_TAP_R, i] = r
+    cursor[_TAP_S, i] = s
+
+
+@cuda.jit(device=True, inline="always")
+def fprop_load_step(shape, acc, loader, a_next, b_next):
+    """A: x gathered at this thread's output pixel, B: w at its output channel, for (t, r, s, c).
+
+    loader: ``(x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base,
+    q_base)``; cursor (4, LOADS) over the reduction (T, R, S, C/G).
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base = loader
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    for i in range(LOADS):
+        c = cursor[_INNER, i]
+        t = cursor[_TAP_T, i]
+        r = cursor[_TAP_R, i]
+        s = cursor[_TAP_S, i]
+        a = acc(0)
+        b = acc(0)
+        if t < T:
+            if row_ok:
+                d = z_base + t * dil_d
+                h = p_base + r * dil_h
+                wi = q_base + s * dil_w
+                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
+                    a = acc(x[x_row + c * xsC + d * xsD + h * xsH + wi * xsW])
+            if col_ok:
+                b = acc(w[w_col + c * wsC + t * wsT + r * wsR + s * wsS])
+        a_next[i] = a
+        b_next[i] = b
+        reduction_cursor_advance(cursor, i, BK, Cg, S, R)
+
+
+@cuda.jit(device=True, inline="always")
+def dgrad_load_step(shape, acc, loader, a_next, b_next):
+    """A: dy gathered for this thread's input pixel, B: w at its input channel, for (jt, jr, js, k).
+
+    loader: ``(dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, first, tap_step,
+    count, back, first_out)``: cursor (4, LOADS) over the reduction (reachable taps, K/G);
+    the rest are ``(t, r, s)`` triples (``(z, p, q)`` for first_out): the phase's first
+    reachable tap, the distance between its reachable taps and their number, how far the
+    next reachable tap moves the output position back, and the output position the first
+    reachable tap reads for this thread's row.
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, first, tap_step, count, back, first_out = loader
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    t0, r0, s0 = first
+    t_step, r_step, s_step = tap_step
+    nT, nR, nS = count
+    dz, dp, dq = back
+    z_first, p_first, q_first = first_out
+    for i in range(LOADS):
+        k = cursor[_INNER, i]
+        jt = cursor[_TAP_T, i]
+        jr = cursor[_TAP_R, i]
+        js = cursor[_TAP_S, i]
+        a = acc(0)
+        b = acc(0)
+        if jt < nT:
+            if row_ok:
+                zz = z_first - jt * dz
+                pp = p_first - jr * dp
+                qq = q_first - js * dq
+                if 0 <= zz < Z and 0 <= pp < P and 0 <= qq < Q:
+                    a = acc(dy[dy_row + k * ysK + zz * ysZ + pp * ysP + qq * ysQ])
+            if col_ok:
+                t = t0 + jt * t_step
+                r = r0 + jr * r_step
+                s = s0 + js * s_step
+                b = acc(w[w_col + k * wsK + t * wsT + r * wsR + s * wsS])
+        a_next[i] = a
+        b_next[i] = b
+        reduction_cursor_advance(cursor, i, BK, Kg, nS, nR)
+
+
+@cuda.jit(device=True, inline="always")
+def wgrad_load_step(shape, acc, loader, a_next, b_next):
+    """A: dy at this thread's (n, z, p, q) for output channels, B: x gathered there for columns (c, t, r, s).
+
+    loader: ``(x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r,
+    b_tap_s)``: position (5,) int64 is the cursor ``(j, q, p, z, n)`` of the thread's step
+    of the reduction over N·Z·P·Q, which ends before ``end``; the b_* arrays (LOADS,) are
+    the columns it stages (c = -1 past the last column).
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r, b_tap_s = loader
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    RSTEP = (BM // TM) * (BN // TN) // BK   # row distance between a thread's staged elements
+    j = position[0]
+    q = position[1]
+    p = position[2]
+    z = position[3]
+    n = position[4]
+    valid = j < end
+    dy_pos = y0 + n * ysN + z * ysZ + p * ysP + q * ysQ + g * Kg * ysK
+    x_pos = x0 + n * xsN + g * Cg * xsC
+    z_base = z * str_d - pad_d
+    p_base = p * str_h - pad_h
+    q_base = q * str_w - pad_w
+    for i in range(LOADS):
+        lane = first + i * RSTEP
+        a = acc(0)
+        b = acc(0)
+        if valid:
+            if k_tile + lane < Kg:
+                a = acc(dy[dy_pos + (k_tile + lane) * ysK])
+            c = b_chan[i]
+            if c >= 0:
+                d = z_base + b_tap_t[i] * dil_d
+                h = p_base + b_tap_r[i] * dil_h
+                wi = q_base + b_tap_s[i] * dil_w
+                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
+                    b = acc(x[x_pos + c * xsC + d * xsD + h * xsH + wi * xsW])
+        a_next[i] = a
+        b_next[i] = b
+    j += BK
+    q += BK
+    while q >= Q:
+        q -= Q
+        p += 1
+        if p == P:
+            p = 0
+            z += 1
+            if z == Z:
+                z = 0
+                n += 1
+    position[0] = j
+    position[1] = q
+    position[2] = p
+    position[3] = z
+    position[4] = n
+
+
+# ----------------------------------------------------------------------------------------
 # Dense kernels (implicit GEMM)
 
 
 def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
     """The three dense kernels for one tile shape and accumulator type (Python functions)."""
     BM, BN, BK, TM, TN = tile.BM, tile.BN, tile.BK, tile.TM, tile.TN
+    SHAPE = tile.constants
     NT = tile.threads
     RT = BM // TM            # threads along the rows of the register tiles
     CT = BN // TN            # threads along the columns
-    LOADS = BK * BM // NT    # elements of each shared tile that one thread stages per step
+    LOADS = tile.loads
     KSTEP = NT // BM         # fprop/dgrad: reduction distance between a thread's staged elements
     RSTEP = NT // BK         # wgrad: row distance between a thread's staged elements
 
@@ -192,17 +459,8 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
-        a_tile = shared[:BK * BM]               # (BK, BM), row-major
-        b_tile = shared[BK * BM:BK * (BM + BN)]  # (BK, BN), row-major
         out = cuda.local.array((TM, TN), acc)
-        a_frag = cuda.local.array(TM, acc)
-        b_frag = cuda.local.array(TN, acc)
-        a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
-        b_next = cuda.local.array(LOADS, acc)
-        st_c = cuda.local.array(LOADS, int64)
-        st_t = cuda.local.array(LOADS, int64)
-        st_r = cuda.local.array(LOADS, int64)
-        st_s = cuda.local.array(LOADS, int64)
+        cursor = cuda.local.array((4, LOADS), int64)
 
         tid = cuda.threadIdx.x
         row_t = tid % RT
@@ -231,72 +489,10 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
         for g in range(cuda.blockIdx.z, G, cuda.gridDim.z):
             x_row = x0 + n * xsN + g * Cg * xsC
             w_col = w0 + (g * Kg + k_load) * wsK
-            for i in range(LOADS):
-                kk = kk_first + i * KSTEP
-                st_c[i] = kk % Cg
-                tap = kk // Cg
-                st_s[i] = tap % S
-                tap //= S
-                st_r[i] = tap % R
-                st_t[i] = tap // R
-            for i in range(TM):
-                for j in range(TN):
-                    out[i, j] = acc(0)
-
-            steps = (reduction + BK - 1) // BK
-            # Software pipelining: step s's global loads are issued before step s-1's
-            # multiply-adds, so their latency hides behind the arithmetic.
-            for step in range(steps + 1):
-                if step > 0:
-                    for i in range(LOADS):
-                        a_tile[(kk_first + i * KSTEP) * BM + lane] = a_next[i]
-                        b_tile[(kk_first + i * KSTEP) * BN + lane] = b_next[i]
-                    # The tiles must be complete before any thread multiplies from them.
-                    cuda.syncthreads()
-                if step < steps:
-                    for i in range(LOADS):
-                        c = st_c[i]
-                        t = st_t[i]
-                        r = st_r[i]
-                        s = st_s[i]
-                        a = acc(0)
-                        b = acc(0)
-                        if t < T:
-                            if row_ok:
-                                d = z_base + t * dil_d
-                                h = p_base + r * dil_h
-                                wi = q_base + s * dil_w
-                                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
-                                    a = acc(x[x_row + c * xsC + d * xsD + h * xsH + wi * xsW])
-                            if col_ok:
-                                b = acc(w[w_col + c * wsC + t * wsT + r * wsR + s * wsS])
-                        a_next[i] = a
-                        b_next[i] = b
-                        c += BK
-                        while c >= Cg:
-                            c -= Cg
-                            s += 1
-                            if s == S:
-                                s = 0
-                                r += 1
-                                if r == R:
-                                    r = 0
-                                    t += 1
-                        st_c[i] = c
-                        st_t[i] = t
-                        st_r[i] = r
-                        st_s[i] = s
-                if step > 0:
-                    for kk in range(BK):
-                        for i in range(TM):
-                            a_frag[i] = a_tile[kk * BM + row_t + i * RT]
-                        for j in range(TN):
-                            b_frag[j] = b_tile[kk * BN + col_t + j * CT]
-                        for i in range(TM):
-                            for j in range(TN):
-                                out[i, j] += a_frag[i] * b_frag[j]
-                    # Every thread must be done reading before the next step overwrites the tiles.
-                    cuda.syncthreads()
+            reduction_cursor_start(cursor, kk_first, KSTEP, Cg, S, R)
+            loader = (x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base)
+            gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
+                           fprop_load_step, loader)
 
             for i in range(TM):
                 m = m0 + row_t + i * RT
@@ -328,17 +524,8 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
-        a_tile = shared[:BK * BM]               # (BK, BM), row-major
-        b_tile = shared[BK * BM:BK * (BM + BN)]  # (BK, BN), row-major
         out = cuda.local.array((TM, TN), acc)
-        a_frag = cuda.local.array(TM, acc)
-        b_frag = cuda.local.array(TN, acc)
-        a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
-        b_next = cuda.local.array(LOADS, acc)
-        st_k = cuda.local.array(LOADS, int64)
-        st_t = cuda.local.array(LOADS, int64)
-        st_r = cuda.local.array(LOADS, int64)
-        st_s = cuda.local.array(LOADS, int64)
+        cursor = cuda.local.array((4, LOADS), int64)
         reach_first = cuda.local.array(3, int64)
         reach_step = cuda.local.array(3, int64)
         reach_count = cuda.local.array(3, int64)
@@ -410,75 +597,11 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             w_col = w0 + g * Kg * wsK + c_load * wsC
 
             if reduction > 0:
-                for i in range(LOADS):
-                    kk = kk_first + i * KSTEP
-                    st_k[i] = kk % Kg
-                    tap = kk // Kg
-                    st_s[i] = tap % nS
-                    tap //= nS
-                    st_r[i] = tap % nR
-                    st_t[i] = tap // nR
-            for i in range(TM):
-                for j in range(TN):
-                    out[i, j] = acc(0)
-
-            steps = (reduction + BK - 1) // BK
-            # Software pipelining: step s's global loads are issued before step s-1's
-            # multiply-adds, so their latency hides behind the arithmetic.
-            for step in range(steps + 1):
-                if step > 0:
-                    for i in range(LOADS):
-                        a_tile[(kk_first + i * KSTEP) * BM + lane] = a_next[i]
-                        b_tile[(kk_first + i * KSTEP) * BN + lane] = b_next[i]
-                    # The tiles must be complete before any thread multiplies from them.
-                    cuda.syncthreads()
-                if step < steps:
-                    for i in range(LOADS):
-                        k = st_k[i]
-                        jt = st_t[i]
-                        jr = st_r[i]
-                        js = st_s[i]
-                        a = acc(0)
-                        b = acc(0)
-                        if jt < nT:
-                            if row_ok:
-                                zz = z_first - jt * dz
-                                pp = p_first - jr * dp
-                                qq = q_first - js * dq
-                                if 0 <= zz < Z and 0 <= pp < P and 0 <= qq < Q:
-                                    a = acc(dy[dy_row + k * ysK + zz * ysZ + pp * ysP + qq * ysQ])
-                            if col_ok:
-                                t = t0 + jt * t_step
-                                r = r0 + jr * r_step
-                                s = s0 + js * s_step
-                                b = acc(w[w_col + k * wsK + t * wsT + r * wsR + s * wsS])
-                        a_next[i] = a
-                        b_next[i] = b
-                        k += BK
-                        while k >= Kg:
-                            k -= Kg
-                            js += 1
-                            if js == nS:
-                                js = 0
-                                jr += 1
-                                if jr == nR:
-                                    jr = 0
-                                    jt += 1
-                        st_k[i] = k
-                        st_t[i] = jt
-                        st_r[i] = jr
-                        st_s[i] = js
-                if step > 0:
-                    for kk in range(BK):
-                        for i in range(TM):
-                            a_frag[i] = a_tile[kk * BM + row_t + i * RT]
-                        for j in range(TN):
-                            b_frag[j] = b_tile[kk * BN + col_t + j * CT]
-                        for i in range(TM):
-                            for j in range(TN):
-                                out[i, j] += a_frag[i] * b_frag[j]
-                    # Every thread must be done reading before the next step overwrites the tiles.
-                    cuda.syncthreads()
+                reduction_cursor_start(cursor, kk_first, KSTEP, Kg, nS, nR)
+            loader = (dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, (t0, r0, s0), (t_step, r_step, s_step),
+                      (nT, nR, nS), (dz, dp, dq), (z_first, p_first, q_first))
+            gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
+                           dgrad_load_step, loader)
 
             for i in range(TM):
                 m = m0 + row_t + i * RT
@@ -507,13 +630,8 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
-        a_tile = shared[:BK * BM]               # (BK, BM), row-major
-        b_tile = shared[BK * BM:BK * (BM + BN)]  # (BK, BN), row-major
         out = cuda.local.array((TM, TN), acc)
-        a_frag = cuda.local.array(TM, acc)
-        b_frag = cuda.local.array(TN, acc)
-        a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
-        b_next = cuda.local.array(LOADS, acc)
+        position = cuda.local.array(5, int64)   # (j, q, p, z, n): wgrad_load_step's cursor
         # (c, t, r, s) of each column of B this thread stages; c = -1 past the last column.
         b_chan = cuda.local.array(LOADS, int64)
         b_tap_t = cuda.local.array(LOADS, int64)
@@ -552,67 +670,14 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             rest = j // Q
             p = rest % P
             rest //= P
-            z = rest % Z
-            n = rest // Z
-            for i in range(TM):
-                for jj in range(TN):
-                    out[i, jj] = acc(0)
-
-            steps = (max(end - begin, 0) + BK - 1) // BK
-            # Software pipelining: step s's global loads are issued before step s-1's
-            # multiply-adds, so their latency hides behind the arithmetic.
-            for step in range(steps + 1):
-                if step > 0:
-                    for i in range(LOADS):
-                        a_tile[kk_lane * BM + first + i * RSTEP] = a_next[i]
-                        b_tile[kk_lane * BN + first + i * RSTEP] = b_next[i]
-                    # The tiles must be complete before any thread multiplies from them.
-                    cuda.syncthreads()
-                if step < steps:
-                    valid = j < end
-                    dy_pos = y0 + n * ysN + z * ysZ + p * ysP + q * ysQ + g * Kg * ysK
-                    x_pos = x0 + n * xsN + g * Cg * xsC
-                    z_base = z * str_d - pad_d
-                    p_base = p * str_h - pad_h
-                    q_base = q * str_w - pad_w
-                    for i in range(LOADS):
-                        lane = first + i * RSTEP
-                        a = acc(0)
-                        b = acc(0)
-                        if valid:
-                            if k_tile + lane < Kg:
-                                a = acc(dy[dy_pos + (k_tile + lane) * ysK])
-                            c = b_chan[i]
-                            if c >= 0:
-                                d = z_base + b_tap_t[i] * dil_d
-                                h = p_base + b_tap_r[i] * dil_h
-                                wi = q_base + b_tap_s[i] * dil_w
-                                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
-                                    b = acc(x[x_pos + c * xsC + d * xsD + h * xsH + wi * xsW])
-                        a_next[i] = a
-                        b_next[i] = b
-                    j += BK
-                    q += BK
-                    while q >= Q:
-                        q -= Q
-                        p += 1
-                        if p == P:
-                            p = 0
-                            z += 1
-                            if z == Z:
-                                z = 0
-                                n += 1
-                if step > 0:
-                    for kk in range(BK):
-                        for i in range(TM):
-                            a_frag[i] = a_tile[kk * BM + row_t + i * RT]
-                        for jj in range(TN):
-                            b_frag[jj] = b_tile[kk * BN + col_t + jj * CT]
-                        for i in range(TM):
-                            for jj in range(TN):
-                                out[i, jj] += a_frag[i] * b_frag[jj]
-                    # Every thread must be done reading before the next step overwrites the tiles.
-                    cuda.syncthreads()
+            position[0] = j
+            position[1] = q
+            position[2] = p
+            position[3] = rest % Z
+            position[4] = rest // Z
+            loader = (x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r, b_tap_s)
+            gemm_main_loop(SHAPE, acc, shared, out, (max(end - begin, 0) + BK - 1) // BK, kk_lane * BM + first, RSTEP,
+                           wgrad_load_step, loader)
 
             for i in range(TM):
                 k = k_tile + row_t + i * RT
