@@ -192,7 +192,7 @@ def grad_bias_shared_bytes(threads: int, dtype: str) -> int:
 # still needs none.  They are module-level rather than closures of the kernels: a kernel's
 # closure cells are part of Numba's disk-cache key and must stay plain values.
 
-# Rows of a reduction cursor (reduction_cursor_start): the index is ((t·R + r)·S + s)·inner + c.
+# Fields of a reduction cursor (reduction_cursor_start): the index is ((t·R + r)·S + s)·inner + c.
 _TAP_T, _TAP_R, _TAP_S, _INNER = 0, 1, 2, 3
 
 
@@ -254,29 +254,26 @@ def gemm_main_loop(shape, acc, shared, out, steps, stage_at, stage_stride, load_
 
 
 @cuda.jit(device=True, inline="always")
-def reduction_cursor_start(cursor, first, stride, inner, S, R):
-    """Column i of cursor (4, LOADS) int64 := (t, r, s, c) of reduction index ``first + i·stride``.
+def reduction_cursor_start(cursor, kk, inner, S, R):
+    """cursor (4,) int64 := (t, r, s, c) of reduction index ``kk = ((t·R + r)·S + s)·inner + c``.
 
-    The index is ``((t·R + r)·S + s)·inner + c``; t is not reduced, so an index past the
-    end of the reduction has t at or past its extent.
+    t is not reduced, so an index past the end of the reduction has t at or past its extent.
     """
-    for i in range(cursor.shape[1]):
-        kk = first + i * stride
-        cursor[_INNER, i] = kk % inner
-        tap = kk // inner
-        cursor[_TAP_S, i] = tap % S
-        tap //= S
-        cursor[_TAP_R, i] = tap % R
-        cursor[_TAP_T, i] = tap // R
+    cursor[_INNER] = kk % inner
+    tap = kk // inner
+    cursor[_TAP_S] = tap % S
+    tap //= S
+    cursor[_TAP_R] = tap % R
+    cursor[_TAP_T] = tap // R
 
 
 @cuda.jit(device=True, inline="always")
-def reduction_cursor_advance(cursor, i, by, inner, S, R):
-    """Move column i of ``cursor`` on by ``by`` reduction indices, without integer division."""
-    c = cursor[_INNER, i] + by
-    s = cursor[_TAP_S, i]
-    r = cursor[_TAP_R, i]
-    t = cursor[_TAP_T, i]
+def reduction_cursor_advance(cursor, by, inner, S, R):
+    """Move ``cursor`` on by ``by`` reduction indices, without integer division."""
+    c = cursor[_INNER] + by
+    s = cursor[_TAP_S]
+    r = cursor[_TAP_R]
+    t = cursor[_TAP_T]
     while c >= inner:
         c -= inner
         s += 1
@@ -286,10 +283,10 @@ def reduction_cursor_advance(cursor, i, by, inner, S, R):
             if r == R:
                 r = 0
                 t += 1
-    cursor[_INNER, i] = c
-    cursor[_TAP_T, i] = t
-    cursor[_TAP_R, i] = r
-    cursor[_TAP_S, i] = s
+    cursor[_INNER] = c
+    cursor[_TAP_T] = t
+    cursor[_TAP_R] = r
+    cursor[_TAP_S] = s
 
 
 @cuda.jit(device=True, inline="always")
@@ -297,19 +294,20 @@ def fprop_load_step(shape, acc, loader, a_next, b_next):
     """A: x gathered at this thread's output pixel, B: w at its output channel, for (t, r, s, c).
 
     loader: ``(x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base,
-    q_base)``; cursor (4, LOADS) over the reduction (T, R, S, C/G).
+    q_base)``; cursor (4,) over the reduction (T, R, S, C/G), at the thread's next element.
     """
     BM, BN, BK, TM, TN, LOADS = shape
+    KSTEP = (BM // TM) * (BN // TN) // BM   # reduction distance between a thread's staged elements
     x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base = loader
     (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
      str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
      xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
      ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
     for i in range(LOADS):
-        c = cursor[_INNER, i]
-        t = cursor[_TAP_T, i]
-        r = cursor[_TAP_R, i]
-        s = cursor[_TAP_S, i]
+        c = cursor[_INNER]
+        t = cursor[_TAP_T]
+        r = cursor[_TAP_R]
+        s = cursor[_TAP_S]
         a = acc(0)
         b = acc(0)
         if t < T:
@@ -323,7 +321,7 @@ def fprop_load_step(shape, acc, loader, a_next, b_next):
                 b = acc(w[w_col + c * wsC + t * wsT + r * wsR + s * wsS])
         a_next[i] = a
         b_next[i] = b
-        reduction_cursor_advance(cursor, i, BK, Cg, S, R)
+        reduction_cursor_advance(cursor, KSTEP, Cg, S, R)
 
 
 @cuda.jit(device=True, inline="always")
@@ -331,13 +329,15 @@ def dgrad_load_step(shape, acc, loader, a_next, b_next):
     """A: dy gathered for this thread's input pixel, B: w at its input channel, for (jt, jr, js, k).
 
     loader: ``(dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, first, tap_step,
-    count, back, first_out)``: cursor (4, LOADS) over the reduction (reachable taps, K/G);
+    count, back, first_out)``: cursor (4,) over the reduction (reachable taps, K/G), at the
+    thread's next element;
     the rest are ``(t, r, s)`` triples (``(z, p, q)`` for first_out): the phase's first
     reachable tap, the distance between its reachable taps and their number, how far the
     next reachable tap moves the output position back, and the output position the first
     reachable tap reads for this thread's row.
     """
     BM, BN, BK, TM, TN, LOADS = shape
+    KSTEP = (BM // TM) * (BN // TN) // BM   # reduction distance between a thread's staged elements
     dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, first, tap_step, count, back, first_out = loader
     (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
      str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
@@ -349,10 +349,10 @@ def dgrad_load_step(shape, acc, loader, a_next, b_next):
     dz, dp, dq = back
     z_first, p_first, q_first = first_out
     for i in range(LOADS):
-        k = cursor[_INNER, i]
-        jt = cursor[_TAP_T, i]
-        jr = cursor[_TAP_R, i]
-        js = cursor[_TAP_S, i]
+        k = cursor[_INNER]
+        jt = cursor[_TAP_T]
+        jr = cursor[_TAP_R]
+        js = cursor[_TAP_S]
         a = acc(0)
         b = acc(0)
         if jt < nT:
@@ -369,7 +369,7 @@ def dgrad_load_step(shape, acc, loader, a_next, b_next):
                 b = acc(w[w_col + k * wsK + t * wsT + r * wsR + s * wsS])
         a_next[i] = a
         b_next[i] = b
-        reduction_cursor_advance(cursor, i, BK, Kg, nS, nR)
+        reduction_cursor_advance(cursor, KSTEP, Kg, nS, nR)
 
 
 @cuda.jit(device=True, inline="always")
@@ -460,7 +460,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
         out = cuda.local.array((TM, TN), acc)
-        cursor = cuda.local.array((4, LOADS), int64)
+        cursor = cuda.local.array(4, int64)     # the thread's next element of the reduction
 
         tid = cuda.threadIdx.x
         row_t = tid % RT
@@ -489,11 +489,20 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
         for g in range(cuda.blockIdx.z, G, cuda.gridDim.z):
             x_row = x0 + n * xsN + g * Cg * xsC
             w_col = w0 + (g * Kg + k_load) * wsK
-            reduction_cursor_start(cursor, kk_first, KSTEP, Cg, S, R)
+            reduction_cursor_start(cursor, kk_first, Cg, S, R)
             loader = (x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base)
             gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
                            fprop_load_step, loader)
 
+            # The bias once per column, in a loop of its own: kept out of the store loop, both
+            # unroll fully and the accumulators stay in registers (no stack frame).
+            if has_bias != 0:
+                for j in range(TN):
+                    k = k_tile + col_t + j * CT
+                    if k < Kg:
+                        v = acc(bias[bias0 + (g * Kg + k) * bias_stride])
+                        for i in range(TM):
+                            out[i, j] += v
             for i in range(TM):
                 m = m0 + row_t + i * RT
                 if m < M:
@@ -507,11 +516,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
                     for j in range(TN):
                         k = k_tile + col_t + j * CT
                         if k < Kg:
-                            kg = g * Kg + k
-                            v = out[i, j]
-                            if has_bias != 0:
-                                v += acc(bias[bias0 + kg * bias_stride])
-                            y[base + kg * ysK] = v
+                            y[base + (g * Kg + k) * ysK] = out[i, j]
 
     def conv_dgrad_dense(dy, w, dx, geometry):
         """dx[n, g·C/G + c, d, h, w] = sum over reachable (t, r, s) and k of dy (gathered) · w.
@@ -525,7 +530,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
         out = cuda.local.array((TM, TN), acc)
-        cursor = cuda.local.array((4, LOADS), int64)
+        cursor = cuda.local.array(4, int64)     # the thread's next element of the reduction
         reach_first = cuda.local.array(3, int64)
         reach_step = cuda.local.array(3, int64)
         reach_count = cuda.local.array(3, int64)
@@ -597,7 +602,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             w_col = w0 + g * Kg * wsK + c_load * wsC
 
             if reduction > 0:
-                reduction_cursor_start(cursor, kk_first, KSTEP, Kg, nS, nR)
+                reduction_cursor_start(cursor, kk_first, Kg, nS, nR)
             loader = (dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, (t0, r0, s0), (t_step, r_step, s_step),
                       (nT, nR, nS), (dz, dp, dq), (z_first, p_first, q_first))
             gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
