@@ -26,7 +26,11 @@ each owning a ``TM x TN`` register tile at rows ``row_t + i·BM/TM`` and columns
 accumulator type), then multiply-add from there; each step's global loads go out before
 the previous step's multiply-adds, into registers, so their latency overlaps the
 arithmetic.  The reduction index is decoded once at the start and then advanced
-incrementally (channel fastest, then taps), so the inner loop does no integer division.
+incrementally (channel fastest, then taps), so the inner loop does no integer division;
+fprop and dgrad keep one such cursor per thread, moved on from each staged element to the
+next.  The three kernels run one main loop, :func:`gemm_main_loop` (device functions, like
+``kernels/gemm_tile.cuh`` for the CUDA C kernels); each brings the step that reads its
+elements of A and B, and its epilogue.
 
 * fprop: rows are output pixels ``(n, z, p, q)``, columns output channels ``k`` of the
   group, reduction ``(tap, c)``.  Grid ``(ceil(N·Z·P·Q / BM), ceil(K/G / BN), G)``.
