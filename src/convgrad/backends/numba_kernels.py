@@ -196,9 +196,13 @@ def grad_bias_shared_bytes(threads: int, dtype: str) -> int:
 # still needs none.  They are module-level rather than closures of the kernels: a kernel's
 # closure cells are part of Numba's disk-cache key and must stay plain values.
 
-# Fields of a reduction cursor (reduction_cursor_start): the index is ((t·R + r)·S + s)·inner + c.
-_TAP_T, _TAP_R, _TAP_S, _INNER = 0, 1, 2, 3
-
+# A cursor (4,) int64 holds the digits (d3, d2, d1, d0) of an index
+# ((d3·n2 + d2)·n1 + d1)·n0 + d0, d0 fastest; d3 is not reduced, so an index past the end
+# of the walk has d3 at or past its extent.  fprop walks (t, r, s, c), dgrad (jt, jr, js, k),
+# wgrad (n, z, p, q).
+_D3, _D2, _D1, _D0 = 0, 1, 2, 3
+# wgrad's position: a cursor, then the index it stands for.
+_INDEX = 4
 
 @cuda.jit(device=True, inline="always")
 def gemm_main_loop(shape, acc, shared, out, steps, stage_at, stage_stride, load_step, loader):
@@ -258,39 +262,36 @@ def gemm_main_loop(shape, acc, shared, out, steps, stage_at, stage_stride, load_
 
 
 @cuda.jit(device=True, inline="always")
-def reduction_cursor_start(cursor, kk, inner, S, R):
-    """cursor (4,) int64 := (t, r, s, c) of reduction index ``kk = ((t·R + r)·S + s)·inner + c``.
-
-    t is not reduced, so an index past the end of the reduction has t at or past its extent.
-    """
-    cursor[_INNER] = kk % inner
-    tap = kk // inner
-    cursor[_TAP_S] = tap % S
-    tap //= S
-    cursor[_TAP_R] = tap % R
-    cursor[_TAP_T] = tap // R
+def cursor_start(cursor, index, n0, n1, n2):
+    """cursor := the digits of ``index`` (radices n0, n1, n2 from the fastest; see _D3)."""
+    cursor[_D0] = index % n0
+    rest = index // n0
+    cursor[_D1] = rest % n1
+    rest //= n1
+    cursor[_D2] = rest % n2
+    cursor[_D3] = rest // n2
 
 
 @cuda.jit(device=True, inline="always")
-def reduction_cursor_advance(cursor, by, inner, S, R):
-    """Move ``cursor`` on by ``by`` reduction indices, without integer division."""
-    c = cursor[_INNER] + by
-    s = cursor[_TAP_S]
-    r = cursor[_TAP_R]
-    t = cursor[_TAP_T]
-    while c >= inner:
-        c -= inner
-        s += 1
-        if s == S:
-            s = 0
-            r += 1
-            if r == R:
-                r = 0
-                t += 1
-    cursor[_INNER] = c
-    cursor[_TAP_T] = t
-    cursor[_TAP_R] = r
-    cursor[_TAP_S] = s
+def cursor_advance(cursor, by, n0, n1, n2):
+    """Move ``cursor`` on by ``by`` indices, without integer division."""
+    d0 = cursor[_D0] + by
+    d1 = cursor[_D1]
+    d2 = cursor[_D2]
+    d3 = cursor[_D3]
+    while d0 >= n0:
+        d0 -= n0
+        d1 += 1
+        if d1 == n1:
+            d1 = 0
+            d2 += 1
+            if d2 == n2:
+                d2 = 0
+                d3 += 1
+    cursor[_D0] = d0
+    cursor[_D1] = d1
+    cursor[_D2] = d2
+    cursor[_D3] = d3
 
 
 @cuda.jit(device=True, inline="always")
@@ -308,10 +309,10 @@ def fprop_load_step(shape, acc, loader, a_next, b_next):
      xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
      ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
     for i in range(LOADS):
-        c = cursor[_INNER]
-        t = cursor[_TAP_T]
-        r = cursor[_TAP_R]
-        s = cursor[_TAP_S]
+        t = cursor[_D3]
+        r = cursor[_D2]
+        s = cursor[_D1]
+        c = cursor[_D0]
         a = acc(0)
         b = acc(0)
         if t < T:
@@ -325,7 +326,7 @@ def fprop_load_step(shape, acc, loader, a_next, b_next):
                 b = acc(w[w_col + c * wsC + t * wsT + r * wsR + s * wsS])
         a_next[i] = a
         b_next[i] = b
-        reduction_cursor_advance(cursor, KSTEP, Cg, S, R)
+        cursor_advance(cursor, KSTEP, Cg, S, R)
 
 
 @cuda.jit(device=True, inline="always")
@@ -353,10 +354,10 @@ def dgrad_load_step(shape, acc, loader, a_next, b_next):
     dz, dp, dq = back
     z_first, p_first, q_first = first_out
     for i in range(LOADS):
-        k = cursor[_INNER]
-        jt = cursor[_TAP_T]
-        jr = cursor[_TAP_R]
-        js = cursor[_TAP_S]
+        jt = cursor[_D3]
+        jr = cursor[_D2]
+        js = cursor[_D1]
+        k = cursor[_D0]
         a = acc(0)
         b = acc(0)
         if jt < nT:
@@ -373,7 +374,7 @@ def dgrad_load_step(shape, acc, loader, a_next, b_next):
                 b = acc(w[w_col + k * wsK + t * wsT + r * wsR + s * wsS])
         a_next[i] = a
         b_next[i] = b
-        reduction_cursor_advance(cursor, KSTEP, Kg, nS, nR)
+        cursor_advance(cursor, KSTEP, Kg, nS, nR)
 
 
 @cuda.jit(device=True, inline="always")
@@ -381,9 +382,9 @@ def wgrad_load_step(shape, acc, loader, a_next, b_next):
     """A: dy at this thread's (n, z, p, q) for output channels, B: x gathered there for columns (c, t, r, s).
 
     loader: ``(x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r,
-    b_tap_s)``: position (5,) int64 is the cursor ``(j, q, p, z, n)`` of the thread's step
-    of the reduction over N·Z·P·Q, which ends before ``end``; the b_* arrays (LOADS,) are
-    the columns it stages (c = -1 past the last column).
+    b_tap_s)``: position (5,) int64 is the cursor ``(n, z, p, q)`` of the thread's next
+    element of the reduction over N·Z·P·Q, then that element's index, which stops at
+    ``end``; the b_* arrays (LOADS,) are the columns it stages (c = -1 past the last column).
     """
     BM, BN, BK, TM, TN, LOADS = shape
     x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r, b_tap_s = loader
@@ -392,11 +393,11 @@ def wgrad_load_step(shape, acc, loader, a_next, b_next):
      xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
      ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
     RSTEP = (BM // TM) * (BN // TN) // BK   # row distance between a thread's staged elements
-    j = position[0]
-    q = position[1]
-    p = position[2]
-    z = position[3]
-    n = position[4]
+    j = position[_INDEX]
+    n = position[_D3]
+    z = position[_D2]
+    p = position[_D1]
+    q = position[_D0]
     valid = j < end
     dy_pos = y0 + n * ysN + z * ysZ + p * ysP + q * ysQ + g * Kg * ysK
     x_pos = x0 + n * xsN + g * Cg * xsC
@@ -419,22 +420,8 @@ def wgrad_load_step(shape, acc, loader, a_next, b_next):
                     b = acc(x[x_pos + c * xsC + d * xsD + h * xsH + wi * xsW])
         a_next[i] = a
         b_next[i] = b
-    j += BK
-    q += BK
-    while q >= Q:
-        q -= Q
-        p += 1
-        if p == P:
-            p = 0
-            z += 1
-            if z == Z:
-                z = 0
-                n += 1
-    position[0] = j
-    position[1] = q
-    position[2] = p
-    position[3] = z
-    position[4] = n
+    position[_INDEX] = j + BK
+    cursor_advance(position, BK, Q, P, Z)
 
 
 # ----------------------------------------------------------------------------------------
@@ -493,7 +480,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
         for g in range(cuda.blockIdx.z, G, cuda.gridDim.z):
             x_row = x0 + n * xsN + g * Cg * xsC
             w_col = w0 + (g * Kg + k_load) * wsK
-            reduction_cursor_start(cursor, kk_first, Cg, S, R)
+            cursor_start(cursor, kk_first, Cg, S, R)
             loader = (x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base)
             gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
                            fprop_load_step, loader)
@@ -606,7 +593,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             w_col = w0 + g * Kg * wsK + c_load * wsC
 
             if reduction > 0:
-                reduction_cursor_start(cursor, kk_first, Kg, nS, nR)
+                cursor_start(cursor, kk_first, Kg, nS, nR)
             loader = (dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, (t0, r0, s0), (t_step, r_step, s_step),
                       (nT, nR, nS), (dz, dp, dq), (z_first, p_first, q_first))
             gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
@@ -640,7 +627,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
         out = cuda.local.array((TM, TN), acc)
-        position = cuda.local.array(5, int64)   # (j, q, p, z, n): wgrad_load_step's cursor
+        position = cuda.local.array(5, int64)   # wgrad_load_step's cursor (n, z, p, q), then its index
         # (c, t, r, s) of each column of B this thread stages; c = -1 past the last column.
         b_chan = cuda.local.array(LOADS, int64)
         b_tap_t = cuda.local.array(LOADS, int64)
@@ -674,16 +661,8 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             split = gz // G
             begin = split * chunk
             end = min(NPQ, begin + chunk)
-            j = begin + kk_lane
-            q = j % Q
-            rest = j // Q
-            p = rest % P
-            rest //= P
-            position[0] = j
-            position[1] = q
-            position[2] = p
-            position[3] = rest % Z
-            position[4] = rest // Z
+            position[_INDEX] = begin + kk_lane
+            cursor_start(position, begin + kk_lane, Q, P, Z)
             loader = (x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r, b_tap_s)
             gemm_main_loop(SHAPE, acc, shared, out, (max(end - begin, 0) + BK - 1) // BK, kk_lane * BM + first, RSTEP,
                            wgrad_load_step, loader)
