@@ -424,6 +424,38 @@ def wgrad_load_step(shape, acc, loader, a_next, b_next):
     cursor_advance(position, BK, Q, P, Z)
 
 
+@cuda.jit(device=True, inline="always")
+def reachable_taps(geometry, coord3, reach_first, reach_step, reach_count):
+    """The taps of each axis that reach input coordinate ``coord3`` (d, h, w) from some output position.
+
+    Output position o reads coordinate o·stride - pad + t·dil, so tap t reaches coordinate
+    c when (c + pad - t·dil) is a multiple of the stride: that holds for t = first + j·step,
+    and the first two such taps lie below 2·stride.  Per axis a: reach_first[a] (-1 when no
+    tap reaches it), reach_step[a] and reach_count[a], each (3,) int64.  Only the residue of
+    coord3 modulo the stride matters, so a stride phase may stand for its coordinates.
+    """
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    taps3 = (T, R, S)
+    stride3 = (str_d, str_h, str_w)
+    dil3 = (dil_d, dil_h, dil_w)
+    pad3 = (pad_d, pad_h, pad_w)
+    for a in range(3):
+        reach_first[a] = -1
+        reach_step[a] = 0
+        for t in range(min(taps3[a], 2 * stride3[a])):
+            if (coord3[a] + pad3[a] - t * dil3[a]) % stride3[a] == 0:
+                if reach_first[a] < 0:
+                    reach_first[a] = t
+                elif reach_step[a] == 0:
+                    reach_step[a] = t - reach_first[a]
+        if reach_step[a] == 0:
+            reach_step[a] = taps3[a]  # at most one tap reaches it
+        reach_count[a] = 0 if reach_first[a] < 0 else (taps3[a] - reach_first[a] + reach_step[a] - 1) // reach_step[a]
+
+
 # ----------------------------------------------------------------------------------------
 # Dense kernels (implicit GEMM)
 
@@ -525,10 +557,6 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
         reach_first = cuda.local.array(3, int64)
         reach_step = cuda.local.array(3, int64)
         reach_count = cuda.local.array(3, int64)
-        taps3 = (T, R, S)
-        stride3 = (str_d, str_h, str_w)
-        dil3 = (dil_d, dil_h, dil_w)
-        pad3 = (pad_d, pad_h, pad_w)
 
         tid = cuda.threadIdx.x
         row_t = tid % RT
@@ -553,22 +581,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             M = N * Dp * Hp * Wp
             if m0 >= M:
                 continue
-            coord3 = (ph_d, ph_h, ph_w)
-            # Output position o reads coordinate o·stride - pad + t·dil, so tap t reaches
-            # coordinate c when (c + pad - t·dil) is a multiple of the stride: that holds
-            # for t = first + j·step, and the first two such taps lie below 2·stride.
-            for a in range(3):
-                reach_first[a] = -1
-                reach_step[a] = 0
-                for t in range(min(taps3[a], 2 * stride3[a])):
-                    if (coord3[a] + pad3[a] - t * dil3[a]) % stride3[a] == 0:
-                        if reach_first[a] < 0:
-                            reach_first[a] = t
-                        elif reach_step[a] == 0:
-                            reach_step[a] = t - reach_first[a]
-                if reach_step[a] == 0:
-                    reach_step[a] = taps3[a]  # at most one tap reaches it
-                reach_count[a] = 0 if reach_first[a] < 0 else (taps3[a] - reach_first[a] + reach_step[a] - 1) // reach_step[a]
+            reachable_taps(geometry, (ph_d, ph_h, ph_w), reach_first, reach_step, reach_count)
             t0, t_step, nT = reach_first[0], reach_step[0], reach_count[0]
             r0, r_step, nR = reach_first[1], reach_step[1], reach_count[1]
             s0, s_step, nS = reach_first[2], reach_step[2], reach_count[2]
@@ -733,10 +746,6 @@ def _direct_kernels(acc: Any) -> dict[str, Callable]:
         reach_first = cuda.local.array(3, int64)
         reach_step = cuda.local.array(3, int64)
         reach_count = cuda.local.array(3, int64)
-        taps3 = (T, R, S)
-        stride3 = (str_d, str_h, str_w)
-        dil3 = (dil_d, dil_h, dil_w)
-        pad3 = (pad_d, pad_h, pad_w)
         total = N * C * D * H * W
         idx = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
         grid_step = int64(cuda.gridDim.x) * cuda.blockDim.x
@@ -749,22 +758,7 @@ def _direct_kernels(acc: Any) -> dict[str, Callable]:
             rest //= D
             c = rest % C
             n = rest // C
-            coord3 = (d, h, wi)
-            # Output position o reads coordinate o·stride - pad + t·dil, so tap t reaches
-            # coordinate c when (c + pad - t·dil) is a multiple of the stride: that holds
-            # for t = first + j·step, and the first two such taps lie below 2·stride.
-            for a in range(3):
-                reach_first[a] = -1
-                reach_step[a] = 0
-                for t in range(min(taps3[a], 2 * stride3[a])):
-                    if (coord3[a] + pad3[a] - t * dil3[a]) % stride3[a] == 0:
-                        if reach_first[a] < 0:
-                            reach_first[a] = t
-                        elif reach_step[a] == 0:
-                            reach_step[a] = t - reach_first[a]
-                if reach_step[a] == 0:
-                    reach_step[a] = taps3[a]  # at most one tap reaches it
-                reach_count[a] = 0 if reach_first[a] < 0 else (taps3[a] - reach_first[a] + reach_step[a] - 1) // reach_step[a]
+            reachable_taps(geometry, (d, h, wi), reach_first, reach_step, reach_count)
             t0, t_step, nT = reach_first[0], reach_step[0], reach_count[0]
             r0, r_step, nR = reach_first[1], reach_step[1], reach_count[1]
             s0, s_step, nS = reach_first[2], reach_step[2], reach_count[2]
