@@ -36,7 +36,8 @@ def _resources(tiles: list[str], dtypes: list[str]) -> list[dict]:
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     command = [sys.executable, str(TESTS / "numba_ptx_resources.py"), "--arch", ",".join(ARCHES)]
-    command += [arg for tile in tiles for arg in ("--tile", tile)] + [arg for dtype in dtypes for arg in ("--dtype", dtype)]
+    command += [arg for tile in tiles for arg in ("--tile", tile)]
+    command += [arg for dtype in dtypes for arg in ("--dtype", dtype)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-8000:]}"
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -72,7 +73,8 @@ def _every_dense_kernel() -> list:
         for tile in TILES:
             for kernel in DENSE_KERNELS:
                 known = (kernel, tile.name, dtype) in _KNOWN_LOCAL_MEMORY
-                marks = [pytest.mark.xfail(strict=True, reason="needs local memory (see _KNOWN_LOCAL_MEMORY)")] if known else []
+                xfail = pytest.mark.xfail(strict=True, reason="needs local memory (see _KNOWN_LOCAL_MEMORY)")
+                marks = [xfail] if known else []
                 params.append(pytest.param(kernel, tile.name, dtype, marks=marks, id=f"{kernel}-{tile.name}-{dtype}"))
     return params
 

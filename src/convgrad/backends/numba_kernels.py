@@ -204,6 +204,7 @@ _D3, _D2, _D1, _D0 = 0, 1, 2, 3
 # wgrad's position: a cursor, then the index it stands for.
 _INDEX = 4
 
+
 @cuda.jit(device=True, inline="always")
 def gemm_main_loop(shape, acc, shared, out, steps, stage_at, stage_stride, load_step, loader):
     """out = this thread's part of the block's tile of A · B, over ``steps`` steps of BK.
