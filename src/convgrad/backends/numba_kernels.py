@@ -26,7 +26,11 @@ each owning a ``TM x TN`` register tile at rows ``row_t + i·BM/TM`` and columns
 accumulator type), then multiply-add from there; each step's global loads go out before
 the previous step's multiply-adds, into registers, so their latency overlaps the
 arithmetic.  The reduction index is decoded once at the start and then advanced
-incrementally (channel fastest, then taps), so the inner loop does no integer division.
+incrementally (channel fastest, then taps), so the inner loop does no integer division;
+fprop and dgrad keep one such cursor per thread, moved on from each staged element to the
+next.  The three kernels run one main loop, :func:`gemm_main_loop` (device functions, like
+``kernels/gemm_tile.cuh`` for the CUDA C kernels); each brings the step that reads its
+elements of A and B, and its epilogue.
 
 * fprop: rows are output pixels ``(n, z, p, q)``, columns output channels ``k`` of the
   group, reduction ``(tap, c)``.  Grid ``(ceil(N·Z·P·Q / BM), ceil(K/G / BN), G)``.
@@ -104,6 +108,16 @@ class Tile:
     def threads(self) -> int:
         return (self.BM // self.TM) * (self.BN // self.TN)
 
+    @property
+    def loads(self) -> int:
+        """Elements of each shared tile (A and B) that one thread stages per step."""
+        return self.BK * self.BM // self.threads
+
+    @property
+    def constants(self) -> tuple[int, int, int, int, int, int]:
+        """``(BM, BN, BK, TM, TN, LOADS)``: the shape as the GEMM core's device functions take it."""
+        return (self.BM, self.BN, self.BK, self.TM, self.TN, self.loads)
+
     def check(self) -> None:
         """The thread-to-element maps of the kernels need these divisibilities."""
         nt = self.threads
@@ -168,16 +182,293 @@ def grad_bias_shared_bytes(threads: int, dtype: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# The dense kernels' GEMM core: device functions
+#
+# Each dense kernel runs the same main loop (gemm_main_loop) and differs only in how a
+# thread reads its elements of A and B for a step (its ``load_step``) and in its epilogue,
+# as the CUDA C kernels share ``gemm_mainloop`` of kernels/gemm_tile.cuh.
+#
+# The device functions are inlined into each kernel at the Numba IR level
+# (``inline="always"``), so the tile constants they receive as arguments are compile-time
+# constants there: local array sizes, fully unrolled loops over a thread's registers, the
+# same code as if each kernel spelt the loop out.  Inlined before typing, they are never
+# compiled on their own, which numba-cuda does only for the GPU present, so compile_ptx
+# still needs none.  They are module-level rather than closures of the kernels: a kernel's
+# closure cells are part of Numba's disk-cache key and must stay plain values.
+
+# A cursor (4,) int64 holds the digits (d3, d2, d1, d0) of an index
+# ((d3·n2 + d2)·n1 + d1)·n0 + d0, d0 fastest; d3 is not reduced, so an index past the end
+# of the walk has d3 at or past its extent.  fprop walks (t, r, s, c), dgrad (jt, jr, js, k),
+# wgrad (n, z, p, q).
+_D3, _D2, _D1, _D0 = 0, 1, 2, 3
+# wgrad's position: a cursor, then the index it stands for.
+_INDEX = 4
+
+
+@cuda.jit(device=True, inline="always")
+def gemm_main_loop(shape, acc, shared, out, steps, stage_at, stage_stride, load_step, loader):
+    """out = this thread's part of the block's tile of A · B, over ``steps`` steps of BK.
+
+    shape: :attr:`Tile.constants`; acc: the accumulator type.
+    shared: the block's dynamic shared memory (:func:`dense_shared_bytes`): A (BK, BM) then
+        B (BK, BN), row-major, in the accumulator type.
+    out: (TM, TN) accumulators; element (i, j) is the block tile's row ``row_t + i·BM/TM``
+        and column ``col_t + j·BN/TN``, with ``row_t, col_t = tid % (BM/TM), tid // (BM/TM)``.
+    steps: the same for every thread of the block, so that every thread reaches every barrier.
+    stage_at, stage_stride: the i-th element (0 <= i < LOADS) a thread stages goes to flat
+        position ``stage_at + i·stage_stride`` of A, and of B (BM == BN: the same position).
+    load_step(shape, acc, loader, a_next, b_next): reads the thread's LOADS elements of A and
+        of B for the next step into a_next and b_next (LOADS,), and moves the cursors held in
+        ``loader`` (local arrays, updated in place) on to the step after.
+
+    On return every thread has passed a barrier after its last read of shared memory.
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    RT = BM // TM
+    CT = BN // TN
+    a_tile = shared[:BK * BM]
+    b_tile = shared[BK * BM:BK * (BM + BN)]
+    a_frag = cuda.local.array(TM, acc)
+    b_frag = cuda.local.array(TN, acc)
+    a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
+    b_next = cuda.local.array(LOADS, acc)
+    tid = cuda.threadIdx.x
+    row_t = tid % RT
+    col_t = tid // RT
+    for i in range(TM):
+        for j in range(TN):
+            out[i, j] = acc(0)
+    # Software pipelining: step s's global loads are issued before step s-1's
+    # multiply-adds, so their latency hides behind the arithmetic.
+    for step in range(steps + 1):
+        if step > 0:
+            for i in range(LOADS):
+                a_tile[stage_at + i * stage_stride] = a_next[i]
+                b_tile[stage_at + i * stage_stride] = b_next[i]
+            # The tiles must be complete before any thread multiplies from them.
+            cuda.syncthreads()
+        if step < steps:
+            load_step(shape, acc, loader, a_next, b_next)
+        if step > 0:
+            for kk in range(BK):
+                for i in range(TM):
+                    a_frag[i] = a_tile[kk * BM + row_t + i * RT]
+                for j in range(TN):
+                    b_frag[j] = b_tile[kk * BN + col_t + j * CT]
+                for i in range(TM):
+                    for j in range(TN):
+                        out[i, j] += a_frag[i] * b_frag[j]
+            # Every thread must be done reading before the next step overwrites the tiles.
+            cuda.syncthreads()
+
+
+@cuda.jit(device=True, inline="always")
+def cursor_start(cursor, index, n0, n1, n2):
+    """cursor := the digits of ``index`` (radices n0, n1, n2 from the fastest; see _D3)."""
+    cursor[_D0] = index % n0
+    rest = index // n0
+    cursor[_D1] = rest % n1
+    rest //= n1
+    cursor[_D2] = rest % n2
+    cursor[_D3] = rest // n2
+
+
+@cuda.jit(device=True, inline="always")
+def cursor_advance(cursor, by, n0, n1, n2):
+    """Move ``cursor`` on by ``by`` indices, without integer division."""
+    d0 = cursor[_D0] + by
+    d1 = cursor[_D1]
+    d2 = cursor[_D2]
+    d3 = cursor[_D3]
+    while d0 >= n0:
+        d0 -= n0
+        d1 += 1
+        if d1 == n1:
+            d1 = 0
+            d2 += 1
+            if d2 == n2:
+                d2 = 0
+                d3 += 1
+    cursor[_D0] = d0
+    cursor[_D1] = d1
+    cursor[_D2] = d2
+    cursor[_D3] = d3
+
+
+@cuda.jit(device=True, inline="always")
+def fprop_load_step(shape, acc, loader, a_next, b_next):
+    """A: x gathered at this thread's output pixel, B: w at its output channel, for (t, r, s, c).
+
+    loader: ``(x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base,
+    q_base)``; cursor (4,) over the reduction (T, R, S, C/G), at the thread's next element.
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    KSTEP = (BM // TM) * (BN // TN) // BM   # reduction distance between a thread's staged elements
+    x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base = loader
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    for i in range(LOADS):
+        t = cursor[_D3]
+        r = cursor[_D2]
+        s = cursor[_D1]
+        c = cursor[_D0]
+        a = acc(0)
+        b = acc(0)
+        if t < T:
+            if row_ok:
+                d = z_base + t * dil_d
+                h = p_base + r * dil_h
+                wi = q_base + s * dil_w
+                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
+                    a = acc(x[x_row + c * xsC + d * xsD + h * xsH + wi * xsW])
+            if col_ok:
+                b = acc(w[w_col + c * wsC + t * wsT + r * wsR + s * wsS])
+        a_next[i] = a
+        b_next[i] = b
+        cursor_advance(cursor, KSTEP, Cg, S, R)
+
+
+@cuda.jit(device=True, inline="always")
+def dgrad_load_step(shape, acc, loader, a_next, b_next):
+    """A: dy gathered for this thread's input pixel, B: w at its input channel, for (jt, jr, js, k).
+
+    loader: ``(dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, first, tap_step,
+    count, back, first_out)``: cursor (4,) over the reduction (reachable taps, K/G), at the
+    thread's next element;
+    the rest are ``(t, r, s)`` triples (``(z, p, q)`` for first_out): the phase's first
+    reachable tap, the distance between its reachable taps and their number, how far the
+    next reachable tap moves the output position back, and the output position the first
+    reachable tap reads for this thread's row.
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    KSTEP = (BM // TM) * (BN // TN) // BM   # reduction distance between a thread's staged elements
+    dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, first, tap_step, count, back, first_out = loader
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    t0, r0, s0 = first
+    t_step, r_step, s_step = tap_step
+    nT, nR, nS = count
+    dz, dp, dq = back
+    z_first, p_first, q_first = first_out
+    for i in range(LOADS):
+        jt = cursor[_D3]
+        jr = cursor[_D2]
+        js = cursor[_D1]
+        k = cursor[_D0]
+        a = acc(0)
+        b = acc(0)
+        if jt < nT:
+            if row_ok:
+                zz = z_first - jt * dz
+                pp = p_first - jr * dp
+                qq = q_first - js * dq
+                if 0 <= zz < Z and 0 <= pp < P and 0 <= qq < Q:
+                    a = acc(dy[dy_row + k * ysK + zz * ysZ + pp * ysP + qq * ysQ])
+            if col_ok:
+                t = t0 + jt * t_step
+                r = r0 + jr * r_step
+                s = s0 + js * s_step
+                b = acc(w[w_col + k * wsK + t * wsT + r * wsR + s * wsS])
+        a_next[i] = a
+        b_next[i] = b
+        cursor_advance(cursor, KSTEP, Kg, nS, nR)
+
+
+@cuda.jit(device=True, inline="always")
+def wgrad_load_step(shape, acc, loader, a_next, b_next):
+    """A: dy at this thread's (n, z, p, q) for output channels, B: x gathered there for columns (c, t, r, s).
+
+    loader: ``(x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r,
+    b_tap_s)``: position (5,) int64 is the cursor ``(n, z, p, q)`` of the thread's next
+    element of the reduction over N·Z·P·Q, then that element's index, which stops at
+    ``end``; the b_* arrays (LOADS,) are the columns it stages (c = -1 past the last column).
+    """
+    BM, BN, BK, TM, TN, LOADS = shape
+    x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r, b_tap_s = loader
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    RSTEP = (BM // TM) * (BN // TN) // BK   # row distance between a thread's staged elements
+    j = position[_INDEX]
+    n = position[_D3]
+    z = position[_D2]
+    p = position[_D1]
+    q = position[_D0]
+    valid = j < end
+    dy_pos = y0 + n * ysN + z * ysZ + p * ysP + q * ysQ + g * Kg * ysK
+    x_pos = x0 + n * xsN + g * Cg * xsC
+    z_base = z * str_d - pad_d
+    p_base = p * str_h - pad_h
+    q_base = q * str_w - pad_w
+    for i in range(LOADS):
+        lane = first + i * RSTEP
+        a = acc(0)
+        b = acc(0)
+        if valid:
+            if k_tile + lane < Kg:
+                a = acc(dy[dy_pos + (k_tile + lane) * ysK])
+            c = b_chan[i]
+            if c >= 0:
+                d = z_base + b_tap_t[i] * dil_d
+                h = p_base + b_tap_r[i] * dil_h
+                wi = q_base + b_tap_s[i] * dil_w
+                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
+                    b = acc(x[x_pos + c * xsC + d * xsD + h * xsH + wi * xsW])
+        a_next[i] = a
+        b_next[i] = b
+    position[_INDEX] = j + BK
+    cursor_advance(position, BK, Q, P, Z)
+
+
+@cuda.jit(device=True, inline="always")
+def reachable_taps(geometry, coord3, reach_first, reach_step, reach_count):
+    """The taps of each axis that reach input coordinate ``coord3`` (d, h, w) from some output position.
+
+    Output position o reads coordinate o·stride - pad + t·dil, so tap t reaches coordinate
+    c when (c + pad - t·dil) is a multiple of the stride: that holds for t = first + j·step,
+    and the first two such taps lie below 2·stride.  Per axis a: reach_first[a] (-1 when no
+    tap reaches it), reach_step[a] and reach_count[a], each (3,) int64.  Only the residue of
+    coord3 modulo the stride matters, so a stride phase may stand for its coordinates.
+    """
+    (N, C, K, G, Cg, Kg, D, H, W, T, R, S, Z, P, Q,
+     str_d, str_h, str_w, dil_d, dil_h, dil_w, pad_d, pad_h, pad_w,
+     xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
+     ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
+    taps3 = (T, R, S)
+    stride3 = (str_d, str_h, str_w)
+    dil3 = (dil_d, dil_h, dil_w)
+    pad3 = (pad_d, pad_h, pad_w)
+    for a in range(3):
+        reach_first[a] = -1
+        reach_step[a] = 0
+        for t in range(min(taps3[a], 2 * stride3[a])):
+            if (coord3[a] + pad3[a] - t * dil3[a]) % stride3[a] == 0:
+                if reach_first[a] < 0:
+                    reach_first[a] = t
+                elif reach_step[a] == 0:
+                    reach_step[a] = t - reach_first[a]
+        if reach_step[a] == 0:
+            reach_step[a] = taps3[a]  # at most one tap reaches it
+        reach_count[a] = 0 if reach_first[a] < 0 else (taps3[a] - reach_first[a] + reach_step[a] - 1) // reach_step[a]
+
+
+# ----------------------------------------------------------------------------------------
 # Dense kernels (implicit GEMM)
 
 
 def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
     """The three dense kernels for one tile shape and accumulator type (Python functions)."""
     BM, BN, BK, TM, TN = tile.BM, tile.BN, tile.BK, tile.TM, tile.TN
+    SHAPE = tile.constants
     NT = tile.threads
     RT = BM // TM            # threads along the rows of the register tiles
     CT = BN // TN            # threads along the columns
-    LOADS = BK * BM // NT    # elements of each shared tile that one thread stages per step
+    LOADS = tile.loads
     KSTEP = NT // BM         # fprop/dgrad: reduction distance between a thread's staged elements
     RSTEP = NT // BK         # wgrad: row distance between a thread's staged elements
 
@@ -192,17 +483,8 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
-        a_tile = shared[:BK * BM]               # (BK, BM), row-major
-        b_tile = shared[BK * BM:BK * (BM + BN)]  # (BK, BN), row-major
         out = cuda.local.array((TM, TN), acc)
-        a_frag = cuda.local.array(TM, acc)
-        b_frag = cuda.local.array(TN, acc)
-        a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
-        b_next = cuda.local.array(LOADS, acc)
-        st_c = cuda.local.array(LOADS, int64)
-        st_t = cuda.local.array(LOADS, int64)
-        st_r = cuda.local.array(LOADS, int64)
-        st_s = cuda.local.array(LOADS, int64)
+        cursor = cuda.local.array(4, int64)     # the thread's next element of the reduction
 
         tid = cuda.threadIdx.x
         row_t = tid % RT
@@ -231,73 +513,20 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
         for g in range(cuda.blockIdx.z, G, cuda.gridDim.z):
             x_row = x0 + n * xsN + g * Cg * xsC
             w_col = w0 + (g * Kg + k_load) * wsK
-            for i in range(LOADS):
-                kk = kk_first + i * KSTEP
-                st_c[i] = kk % Cg
-                tap = kk // Cg
-                st_s[i] = tap % S
-                tap //= S
-                st_r[i] = tap % R
-                st_t[i] = tap // R
-            for i in range(TM):
+            cursor_start(cursor, kk_first, Cg, S, R)
+            loader = (x, w, geometry, cursor, x_row, w_col, row_ok, col_ok, z_base, p_base, q_base)
+            gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
+                           fprop_load_step, loader)
+
+            # The bias once per column, in a loop of its own: kept out of the store loop, both
+            # unroll fully and the accumulators stay in registers (no stack frame).
+            if has_bias != 0:
                 for j in range(TN):
-                    out[i, j] = acc(0)
-
-            steps = (reduction + BK - 1) // BK
-            # Software pipelining: step s's global loads are issued before step s-1's
-            # multiply-adds, so their latency hides behind the arithmetic.
-            for step in range(steps + 1):
-                if step > 0:
-                    for i in range(LOADS):
-                        a_tile[(kk_first + i * KSTEP) * BM + lane] = a_next[i]
-                        b_tile[(kk_first + i * KSTEP) * BN + lane] = b_next[i]
-                    # The tiles must be complete before any thread multiplies from them.
-                    cuda.syncthreads()
-                if step < steps:
-                    for i in range(LOADS):
-                        c = st_c[i]
-                        t = st_t[i]
-                        r = st_r[i]
-                        s = st_s[i]
-                        a = acc(0)
-                        b = acc(0)
-                        if t < T:
-                            if row_ok:
-                                d = z_base + t * dil_d
-                                h = p_base + r * dil_h
-                                wi = q_base + s * dil_w
-                                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
-                                    a = acc(x[x_row + c * xsC + d * xsD + h * xsH + wi * xsW])
-                            if col_ok:
-                                b = acc(w[w_col + c * wsC + t * wsT + r * wsR + s * wsS])
-                        a_next[i] = a
-                        b_next[i] = b
-                        c += BK
-                        while c >= Cg:
-                            c -= Cg
-                            s += 1
-                            if s == S:
-                                s = 0
-                                r += 1
-                                if r == R:
-                                    r = 0
-                                    t += 1
-                        st_c[i] = c
-                        st_t[i] = t
-                        st_r[i] = r
-                        st_s[i] = s
-                if step > 0:
-                    for kk in range(BK):
+                    k = k_tile + col_t + j * CT
+                    if k < Kg:
+                        v = acc(bias[bias0 + (g * Kg + k) * bias_stride])
                         for i in range(TM):
-                            a_frag[i] = a_tile[kk * BM + row_t + i * RT]
-                        for j in range(TN):
-                            b_frag[j] = b_tile[kk * BN + col_t + j * CT]
-                        for i in range(TM):
-                            for j in range(TN):
-                                out[i, j] += a_frag[i] * b_frag[j]
-                    # Every thread must be done reading before the next step overwrites the tiles.
-                    cuda.syncthreads()
-
+                            out[i, j] += v
             for i in range(TM):
                 m = m0 + row_t + i * RT
                 if m < M:
@@ -311,11 +540,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
                     for j in range(TN):
                         k = k_tile + col_t + j * CT
                         if k < Kg:
-                            kg = g * Kg + k
-                            v = out[i, j]
-                            if has_bias != 0:
-                                v += acc(bias[bias0 + kg * bias_stride])
-                            y[base + kg * ysK] = v
+                            y[base + (g * Kg + k) * ysK] = out[i, j]
 
     def conv_dgrad_dense(dy, w, dx, geometry):
         """dx[n, g·C/G + c, d, h, w] = sum over reachable (t, r, s) and k of dy (gathered) · w.
@@ -328,24 +553,11 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
-        a_tile = shared[:BK * BM]               # (BK, BM), row-major
-        b_tile = shared[BK * BM:BK * (BM + BN)]  # (BK, BN), row-major
         out = cuda.local.array((TM, TN), acc)
-        a_frag = cuda.local.array(TM, acc)
-        b_frag = cuda.local.array(TN, acc)
-        a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
-        b_next = cuda.local.array(LOADS, acc)
-        st_k = cuda.local.array(LOADS, int64)
-        st_t = cuda.local.array(LOADS, int64)
-        st_r = cuda.local.array(LOADS, int64)
-        st_s = cuda.local.array(LOADS, int64)
+        cursor = cuda.local.array(4, int64)     # the thread's next element of the reduction
         reach_first = cuda.local.array(3, int64)
         reach_step = cuda.local.array(3, int64)
         reach_count = cuda.local.array(3, int64)
-        taps3 = (T, R, S)
-        stride3 = (str_d, str_h, str_w)
-        dil3 = (dil_d, dil_h, dil_w)
-        pad3 = (pad_d, pad_h, pad_w)
 
         tid = cuda.threadIdx.x
         row_t = tid % RT
@@ -370,22 +582,7 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             M = N * Dp * Hp * Wp
             if m0 >= M:
                 continue
-            coord3 = (ph_d, ph_h, ph_w)
-            # Output position o reads coordinate o·stride - pad + t·dil, so tap t reaches
-            # coordinate c when (c + pad - t·dil) is a multiple of the stride: that holds
-            # for t = first + j·step, and the first two such taps lie below 2·stride.
-            for a in range(3):
-                reach_first[a] = -1
-                reach_step[a] = 0
-                for t in range(min(taps3[a], 2 * stride3[a])):
-                    if (coord3[a] + pad3[a] - t * dil3[a]) % stride3[a] == 0:
-                        if reach_first[a] < 0:
-                            reach_first[a] = t
-                        elif reach_step[a] == 0:
-                            reach_step[a] = t - reach_first[a]
-                if reach_step[a] == 0:
-                    reach_step[a] = taps3[a]  # at most one tap reaches it
-                reach_count[a] = 0 if reach_first[a] < 0 else (taps3[a] - reach_first[a] + reach_step[a] - 1) // reach_step[a]
+            reachable_taps(geometry, (ph_d, ph_h, ph_w), reach_first, reach_step, reach_count)
             t0, t_step, nT = reach_first[0], reach_step[0], reach_count[0]
             r0, r_step, nR = reach_first[1], reach_step[1], reach_count[1]
             s0, s_step, nS = reach_first[2], reach_step[2], reach_count[2]
@@ -410,75 +607,11 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             w_col = w0 + g * Kg * wsK + c_load * wsC
 
             if reduction > 0:
-                for i in range(LOADS):
-                    kk = kk_first + i * KSTEP
-                    st_k[i] = kk % Kg
-                    tap = kk // Kg
-                    st_s[i] = tap % nS
-                    tap //= nS
-                    st_r[i] = tap % nR
-                    st_t[i] = tap // nR
-            for i in range(TM):
-                for j in range(TN):
-                    out[i, j] = acc(0)
-
-            steps = (reduction + BK - 1) // BK
-            # Software pipelining: step s's global loads are issued before step s-1's
-            # multiply-adds, so their latency hides behind the arithmetic.
-            for step in range(steps + 1):
-                if step > 0:
-                    for i in range(LOADS):
-                        a_tile[(kk_first + i * KSTEP) * BM + lane] = a_next[i]
-                        b_tile[(kk_first + i * KSTEP) * BN + lane] = b_next[i]
-                    # The tiles must be complete before any thread multiplies from them.
-                    cuda.syncthreads()
-                if step < steps:
-                    for i in range(LOADS):
-                        k = st_k[i]
-                        jt = st_t[i]
-                        jr = st_r[i]
-                        js = st_s[i]
-                        a = acc(0)
-                        b = acc(0)
-                        if jt < nT:
-                            if row_ok:
-                                zz = z_first - jt * dz
-                                pp = p_first - jr * dp
-                                qq = q_first - js * dq
-                                if 0 <= zz < Z and 0 <= pp < P and 0 <= qq < Q:
-                                    a = acc(dy[dy_row + k * ysK + zz * ysZ + pp * ysP + qq * ysQ])
-                            if col_ok:
-                                t = t0 + jt * t_step
-                                r = r0 + jr * r_step
-                                s = s0 + js * s_step
-                                b = acc(w[w_col + k * wsK + t * wsT + r * wsR + s * wsS])
-                        a_next[i] = a
-                        b_next[i] = b
-                        k += BK
-                        while k >= Kg:
-                            k -= Kg
-                            js += 1
-                            if js == nS:
-                                js = 0
-                                jr += 1
-                                if jr == nR:
-                                    jr = 0
-                                    jt += 1
-                        st_k[i] = k
-                        st_t[i] = jt
-                        st_r[i] = jr
-                        st_s[i] = js
-                if step > 0:
-                    for kk in range(BK):
-                        for i in range(TM):
-                            a_frag[i] = a_tile[kk * BM + row_t + i * RT]
-                        for j in range(TN):
-                            b_frag[j] = b_tile[kk * BN + col_t + j * CT]
-                        for i in range(TM):
-                            for j in range(TN):
-                                out[i, j] += a_frag[i] * b_frag[j]
-                    # Every thread must be done reading before the next step overwrites the tiles.
-                    cuda.syncthreads()
+                cursor_start(cursor, kk_first, Kg, nS, nR)
+            loader = (dy, w, geometry, cursor, row_ok, col_ok, dy_row, w_col, (t0, r0, s0), (t_step, r_step, s_step),
+                      (nT, nR, nS), (dz, dp, dq), (z_first, p_first, q_first))
+            gemm_main_loop(SHAPE, acc, shared, out, (reduction + BK - 1) // BK, kk_first * BM + lane, KSTEP * BM,
+                           dgrad_load_step, loader)
 
             for i in range(TM):
                 m = m0 + row_t + i * RT
@@ -507,13 +640,8 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
          xsN, xsC, xsD, xsH, xsW, x0, wsK, wsC, wsT, wsR, wsS, w0,
          ysN, ysK, ysZ, ysP, ysQ, y0) = geometry
         shared = cuda.shared.array(0, acc)      # dynamic: dense_shared_bytes(tile, dtype)
-        a_tile = shared[:BK * BM]               # (BK, BM), row-major
-        b_tile = shared[BK * BM:BK * (BM + BN)]  # (BK, BN), row-major
         out = cuda.local.array((TM, TN), acc)
-        a_frag = cuda.local.array(TM, acc)
-        b_frag = cuda.local.array(TN, acc)
-        a_next = cuda.local.array(LOADS, acc)   # the next step's staged elements, in flight
-        b_next = cuda.local.array(LOADS, acc)
+        position = cuda.local.array(5, int64)   # wgrad_load_step's cursor (n, z, p, q), then its index
         # (c, t, r, s) of each column of B this thread stages; c = -1 past the last column.
         b_chan = cuda.local.array(LOADS, int64)
         b_tap_t = cuda.local.array(LOADS, int64)
@@ -547,72 +675,11 @@ def _dense_kernels(tile: Tile, acc: Any) -> dict[str, Callable]:
             split = gz // G
             begin = split * chunk
             end = min(NPQ, begin + chunk)
-            j = begin + kk_lane
-            q = j % Q
-            rest = j // Q
-            p = rest % P
-            rest //= P
-            z = rest % Z
-            n = rest // Z
-            for i in range(TM):
-                for jj in range(TN):
-                    out[i, jj] = acc(0)
-
-            steps = (max(end - begin, 0) + BK - 1) // BK
-            # Software pipelining: step s's global loads are issued before step s-1's
-            # multiply-adds, so their latency hides behind the arithmetic.
-            for step in range(steps + 1):
-                if step > 0:
-                    for i in range(LOADS):
-                        a_tile[kk_lane * BM + first + i * RSTEP] = a_next[i]
-                        b_tile[kk_lane * BN + first + i * RSTEP] = b_next[i]
-                    # The tiles must be complete before any thread multiplies from them.
-                    cuda.syncthreads()
-                if step < steps:
-                    valid = j < end
-                    dy_pos = y0 + n * ysN + z * ysZ + p * ysP + q * ysQ + g * Kg * ysK
-                    x_pos = x0 + n * xsN + g * Cg * xsC
-                    z_base = z * str_d - pad_d
-                    p_base = p * str_h - pad_h
-                    q_base = q * str_w - pad_w
-                    for i in range(LOADS):
-                        lane = first + i * RSTEP
-                        a = acc(0)
-                        b = acc(0)
-                        if valid:
-                            if k_tile + lane < Kg:
-                                a = acc(dy[dy_pos + (k_tile + lane) * ysK])
-                            c = b_chan[i]
-                            if c >= 0:
-                                d = z_base + b_tap_t[i] * dil_d
-                                h = p_base + b_tap_r[i] * dil_h
-                                wi = q_base + b_tap_s[i] * dil_w
-                                if 0 <= d < D and 0 <= h < H and 0 <= wi < W:
-                                    b = acc(x[x_pos + c * xsC + d * xsD + h * xsH + wi * xsW])
-                        a_next[i] = a
-                        b_next[i] = b
-                    j += BK
-                    q += BK
-                    while q >= Q:
-                        q -= Q
-                        p += 1
-                        if p == P:
-                            p = 0
-                            z += 1
-                            if z == Z:
-                                z = 0
-                                n += 1
-                if step > 0:
-                    for kk in range(BK):
-                        for i in range(TM):
-                            a_frag[i] = a_tile[kk * BM + row_t + i * RT]
-                        for jj in range(TN):
-                            b_frag[jj] = b_tile[kk * BN + col_t + jj * CT]
-                        for i in range(TM):
-                            for jj in range(TN):
-                                out[i, jj] += a_frag[i] * b_frag[jj]
-                    # Every thread must be done reading before the next step overwrites the tiles.
-                    cuda.syncthreads()
+            position[_INDEX] = begin + kk_lane
+            cursor_start(position, begin + kk_lane, Q, P, Z)
+            loader = (x, dy, geometry, g, end, k_tile, first, position, b_chan, b_tap_t, b_tap_r, b_tap_s)
+            gemm_main_loop(SHAPE, acc, shared, out, (max(end - begin, 0) + BK - 1) // BK, kk_lane * BM + first, RSTEP,
+                           wgrad_load_step, loader)
 
             for i in range(TM):
                 k = k_tile + row_t + i * RT
@@ -680,10 +747,6 @@ def _direct_kernels(acc: Any) -> dict[str, Callable]:
         reach_first = cuda.local.array(3, int64)
         reach_step = cuda.local.array(3, int64)
         reach_count = cuda.local.array(3, int64)
-        taps3 = (T, R, S)
-        stride3 = (str_d, str_h, str_w)
-        dil3 = (dil_d, dil_h, dil_w)
-        pad3 = (pad_d, pad_h, pad_w)
         total = N * C * D * H * W
         idx = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
         grid_step = int64(cuda.gridDim.x) * cuda.blockDim.x
@@ -696,22 +759,7 @@ def _direct_kernels(acc: Any) -> dict[str, Callable]:
             rest //= D
             c = rest % C
             n = rest // C
-            coord3 = (d, h, wi)
-            # Output position o reads coordinate o·stride - pad + t·dil, so tap t reaches
-            # coordinate c when (c + pad - t·dil) is a multiple of the stride: that holds
-            # for t = first + j·step, and the first two such taps lie below 2·stride.
-            for a in range(3):
-                reach_first[a] = -1
-                reach_step[a] = 0
-                for t in range(min(taps3[a], 2 * stride3[a])):
-                    if (coord3[a] + pad3[a] - t * dil3[a]) % stride3[a] == 0:
-                        if reach_first[a] < 0:
-                            reach_first[a] = t
-                        elif reach_step[a] == 0:
-                            reach_step[a] = t - reach_first[a]
-                if reach_step[a] == 0:
-                    reach_step[a] = taps3[a]  # at most one tap reaches it
-                reach_count[a] = 0 if reach_first[a] < 0 else (taps3[a] - reach_first[a] + reach_step[a] - 1) // reach_step[a]
+            reachable_taps(geometry, (d, h, wi), reach_first, reach_step, reach_count)
             t0, t_step, nT = reach_first[0], reach_step[0], reach_count[0]
             r0, r_step, nR = reach_first[1], reach_step[1], reach_count[1]
             s0, s_step, nS = reach_first[2], reach_step[2], reach_count[2]
