@@ -257,6 +257,8 @@ def test_model_bench_runs_and_writes_json(tmp_path):
     assert set(budget["operators"]) == {"batch_norm", "conv2d", "relu"}
     for result in budget["operators"].values():
         assert math.isclose(result["slowdown"], result["after_convgrad_s"] / result["after_torch_s"], rel_tol=1e-9)
+        assert math.isclose(result["slowdown_min"], result["after_convgrad_min_s"] / result["after_torch_min_s"],
+                            rel_tol=1e-9)
     assert "resnet18" in done.stdout and "ratio" in done.stdout and "thread budget on" in done.stdout
 
 
