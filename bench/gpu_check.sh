@@ -18,7 +18,7 @@
 #   bench-bf16.json       ResNet-50 in bfloat16 (tensor cores), cupy against PyTorch
 #   bench-fp32.json       ResNet-50 in strict fp32 (SIMT), cupy and numba against PyTorch
 #   bench-depthwise.json  MobileNetV2's depthwise layers, fp32, against PyTorch
-#   bench-model.json      a patched model's training step against native (once it exists)
+#   bench-model.json      a patched ResNet-18 training step against native (convgrad bench --model)
 #   logs.tar.gz           every stage's full output
 #
 # Settings: GPU_CHECK_BACKENDS="cupy numba" (default: the GPU backends available),
@@ -143,6 +143,11 @@ for stage in stages:
         if document.get("meta", {}).get("interrupted"):
             parts.append("partial (interrupted)")
         detail = "; ".join(parts)
+    elif document and "models" in document:
+        detail = "; ".join(f"{r['model']}: native {r['native_time_s'] * 1e3:.1f} ms, patched "
+                           f"{r['patched_time_s'] * 1e3:.1f} ms, {r['ratio']:.2f}x" for r in document["models"])
+        if document.get("meta", {}).get("gradient_failure"):
+            detail = f"GRADIENT MISMATCH: {document['meta']['gradient_failure']}"
     elif document and "reports" in document:
         detail = "; ".join(f"{r['backend']}: {r['kernels']} kernels in {r['seconds']:.1f} s" for r in document["reports"])
     else:
@@ -307,7 +312,7 @@ for entry in "${STAGES[@]}"; do
                 --dtype float32 --repeats 10 ;;
         bench-model)
             if "$PYTHON" -m convgrad bench --help 2>/dev/null | grep -q -- "--model"; then
-                bench_stage "$name" "$issue" "$limit" "$proves" --model resnet18 --repeats 3
+                bench_stage "$name" "$issue" "$limit" "$proves" --model resnet18 --device cuda --repeats 3
             else skip_stage "$name" "$issue" "$proves" "$name.json" "convgrad bench --model does not exist yet"; fi ;;
     esac
 done

@@ -5,7 +5,7 @@ channels), the 1x1 256->64 at 56² and the 7x7 stride-2 stem (3->64 at 224², ba
 each of fprop, dgrad and wgrad.  Each convgrad result is checked against PyTorch's before
 it is timed.
 
-At the end of the session the per-layer time ratios (convgrad time / PyTorch time: below 1
+At the end of the session the per-layer speed ratios (PyTorch time / convgrad time: above 1
 convgrad is faster) and their geometric mean per pass are written, with the BLAS and
 thread pools that threadpoolctl sees and the environment variables that steer them, to
 ``bench/results/cpu-<date>.json`` and ``.md`` (``CONVGRAD_BENCH_RESULTS`` names another
@@ -123,8 +123,8 @@ class Results:
                     "convgrad_min_s": self.min_s[(layer, pass_, "convgrad")],
                     "torch_min_s": self.min_s[(layer, pass_, "torch")],
                     "convgrad_gflops": flops / ours / 1e9, "torch_gflops": flops / theirs / 1e9,
-                    "time_ratio": ours / theirs,
-                    "min_time_ratio": self.min_s[(layer, pass_, "convgrad")] / self.min_s[(layer, pass_, "torch")],
+                    "ratio": theirs / ours,
+                    "min_ratio": self.min_s[(layer, pass_, "torch")] / self.min_s[(layer, pass_, "convgrad")],
                 })
         return rows
 
@@ -132,8 +132,8 @@ class Results:
         rows = self.rows()
         if not rows:
             return
-        geomeans = {p: _geomean([r["time_ratio"] for r in rows if r["pass"] == p]) for p in PASSES}
-        min_geomeans = {p: _geomean([r["min_time_ratio"] for r in rows if r["pass"] == p]) for p in PASSES}
+        geomeans = {p: _geomean([r["ratio"] for r in rows if r["pass"] == p]) for p in PASSES}
+        min_geomeans = {p: _geomean([r["min_ratio"] for r in rows if r["pass"] == p]) for p in PASSES}
         versions = {}
         for dist in ("numpy", "torch", "convgrad", "threadpoolctl", "pytest-benchmark"):
             try:
@@ -154,15 +154,15 @@ class Results:
         today = datetime.date.today().isoformat()
         document = {
             "date": today,
-            "ratio_definition": "time_ratio = convgrad (numpy backend) median time / PyTorch CPU median time; "
-                                "below 1 convgrad is faster. min_time_ratio: the same with the fastest rounds, "
+            "ratio_definition": "ratio = PyTorch CPU median time / convgrad (numpy backend) median time; "
+                                "above 1 convgrad is faster. min_ratio: the same with the fastest rounds, "
                                 "less sensitive to other work on the machine",
             "dtype": "float32",
             "rounds": ROUNDS,
             "machine": machine,
             "versions": versions,
-            "geomean_time_ratio": geomeans,
-            "geomean_min_time_ratio": min_geomeans,
+            "geomean_ratio": geomeans,
+            "geomean_min_ratio": min_geomeans,
             "layers": rows,
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -181,8 +181,8 @@ def markdown(document: dict) -> str:
         f"Measured {document['date']} on {document['machine']['cpu']} ({document['machine']['logical_cpus']} logical "
         f"CPUs); NumPy {document['versions']['numpy']} with {blas_text}; PyTorch {document['versions']['torch']} "
         f"({document['machine']['torch_threads']} threads); BLAS/OpenMP environment: {env}.",
-        f"float32, {document['rounds']} rounds each; times and GFLOP/s are medians. Ratio = convgrad time / PyTorch "
-        f"time (below 1: convgrad faster), of the medians and of the fastest rounds. Load average (1, 5, 15 min) "
+        f"float32, {document['rounds']} rounds each; times and GFLOP/s are medians. Ratio = PyTorch time / convgrad "
+        f"time (above 1: convgrad faster), of the medians and of the fastest rounds. Load average (1, 5, 15 min) "
         f"at the start {load['start']}, at the end {load['end']}; other processes kept "
         f"{'an unknown number of' if others is None else f'{others:.2f}'} CPUs busy on average during the run.",
         "",
@@ -192,11 +192,11 @@ def markdown(document: dict) -> str:
     for r in document["layers"]:
         lines.append(f"| {r['layer']} | {r['batch']} | {r['pass']} | {r['convgrad_s'] * 1e3:.2f} | "
                      f"{r['torch_s'] * 1e3:.2f} | {r['convgrad_gflops']:.1f} | {r['torch_gflops']:.1f} | "
-                     f"{r['time_ratio']:.2f} | {r['min_time_ratio']:.2f} |")
-    for pass_, value in document["geomean_time_ratio"].items():
+                     f"{r['ratio']:.2f} | {r['min_ratio']:.2f} |")
+    for pass_, value in document["geomean_ratio"].items():
         if value is not None:
             lines.append(f"| **geometric mean** | | {pass_} | | | | | **{value:.2f}** | "
-                         f"**{document['geomean_min_time_ratio'][pass_]:.2f}** |")
+                         f"**{document['geomean_min_ratio'][pass_]:.2f}** |")
     return "\n".join(lines) + "\n"
 
 

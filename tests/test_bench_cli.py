@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -146,3 +147,158 @@ def test_suites_are_what_they_say():
     assert all(layer.ndim == 1 and 3 <= layer.kernel[0] <= 9 for layer in SUITES["audio1d"].layers)
     assert all(layer.kernel == (3, 3, 3) for layer in SUITES["video3d"].layers)
     assert SUITES["video3d"].layers[0].size == (16, 56, 56)
+
+
+# ----------------------------------------------------------------------------------------
+# convgrad bench --model: whole training steps, patched against native
+
+
+def test_model_names_are_the_models_defined():
+    pytest.importorskip("torch")
+    from convgrad.bench.models import MODELS
+    from convgrad.bench.training import MODEL_NAMES
+
+    assert set(MODEL_NAMES) == set(MODELS)
+
+
+def _count_convolutions(model, torch):
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def test_models_have_the_networks_shapes():
+    torch = pytest.importorskip("torch")
+    from convgrad.bench.models import MODELS
+
+    resnet, mobilenet = MODELS["resnet18"](), MODELS["mobilenetv2"]()
+    # ResNet-18: stem + 16 block convolutions + 3 projections; 11.7 M parameters.
+    assert _count_convolutions(resnet, torch) == 20
+    assert sum(p.numel() for p in resnet.parameters()) == 11_689_512
+    # MobileNetV2: stem, 17 blocks (the first without expansion), the 1x1 to 1280; 3.5 M parameters.
+    assert _count_convolutions(mobilenet, torch) == 1 + 2 + 16 * 3 + 1
+    assert sum(p.numel() for p in mobilenet.parameters()) == 3_504_872
+    depthwise = [m for m in mobilenet.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 17 and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    for model in (resnet, mobilenet):
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+def test_gradient_check_fails_on_a_wrong_pairing():
+    torch = pytest.importorskip("torch")
+    import convgrad.torch as ct
+    from convgrad.bench import training
+
+    native = training.build_model("resnet18", torch.float64, seed=0)
+    other = ct.patch(training.build_model("resnet18", torch.float64, seed=1))  # other weights: other gradients
+    x, target = training._inputs(2, 32, torch.float64, "cpu", seed=3)
+    report = training.compare_gradients(native, other, x, target)
+    assert not report.ok and report.max_error > 1e-3
+    with pytest.raises(training.GradientMismatch, match="differ from native PyTorch"):
+        training.require_matching_gradients(native, other, x, target, "planted")
+    same = ct.patch(copy.deepcopy(native))
+    assert training.compare_gradients(native, same, x, target).ok
+
+
+def test_gradient_check_catches_a_wrong_convgrad_pass(monkeypatch):
+    """A weight gradient off by 0.1% in the numpy backend fails the check of the whole model."""
+    pytest.importorskip("torch")
+    from convgrad.backends import numpy_backend
+    from convgrad.bench import training
+
+    grad_weight = numpy_backend.NumpyBackend.grad_weight
+
+    def slightly_wrong(self, x, dy, problem, out):
+        grad_weight(self, x, dy, problem, out)
+        out *= 1.001
+
+    monkeypatch.setattr(numpy_backend.NumpyBackend, "grad_weight", slightly_wrong)
+    with pytest.raises(training.GradientMismatch, match="resnet18"):
+        training.check_model_gradients("resnet18")
+
+
+def test_gradient_check_ignores_rounding_in_cancelling_gradients():
+    """A gradient that is zero up to rounding is judged against the model's scale, not its own."""
+    torch = pytest.importorskip("torch")
+    from convgrad.bench import training
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, tiny):
+            super().__init__()
+            self.big = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+            self.tiny = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+            self.offset = tiny
+
+        def forward(self, x):
+            return (x * self.big + self.tiny * self.offset).reshape(x.shape[0], -1)[:, :2]
+
+    x, target = torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long)
+    report = training.compare_gradients(Fixed(1e-17), Fixed(2e-17), x, target)
+    assert report.ok, report
+
+
+def _model_args(*extra: str) -> list[str]:
+    return ["bench", "--model", "resnet18", "--batch", "2", "--size", "32", "--repeats", "1", "--warmup", "0", *extra]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch")
+def test_model_bench_runs_and_writes_json(tmp_path):
+    done = _convgrad(*_model_args("--json", "model.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads((tmp_path / "model.json").read_text())
+    [record] = document["models"]
+    assert record["model"] == "resnet18" and record["device"] == "cpu" and record["dtype"] == "float32"
+    assert record["batch"] == 2 and record["size"] == 32 and record["repeats"] == 1
+    assert record["gradient_check"] == "ok" and record["gradient_max_error"] <= 1e-8
+    assert record["patched_layers"] == 20 and record["thread_budget"] is True
+    assert record["native_time_s"] > 0 and record["patched_time_s"] > 0
+    assert math.isclose(record["ratio"], record["native_time_s"] / record["patched_time_s"], rel_tol=1e-9)
+    assert "native_time_s / patched_time_s" in document["meta"]["ratio_definition"]
+    [budget] = document["thread_budget"]
+    assert budget["thread_budget"] is True
+    assert set(budget["operators"]) == {"batch_norm", "conv2d", "relu"}
+    for result in budget["operators"].values():
+        assert math.isclose(result["slowdown"], result["after_convgrad_s"] / result["after_torch_s"], rel_tol=1e-9)
+        assert math.isclose(result["slowdown_min"], result["after_convgrad_min_s"] / result["after_torch_min_s"],
+                            rel_tol=1e-9)
+    assert "resnet18" in done.stdout and "ratio" in done.stdout and "thread budget on" in done.stdout
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch")
+def test_model_bench_fails_loudly_on_a_gradient_mismatch(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from convgrad.bench import cli, training
+
+    def planted_mismatch(name, device="cpu", seed=0):
+        raise training.GradientMismatch(f"{name}: planted")
+
+    def must_not_time(*args, **kwargs):
+        raise AssertionError("a model whose gradients are wrong was timed")
+
+    monkeypatch.setattr(training, "check_model_gradients", planted_mismatch)
+    monkeypatch.setattr(training, "training_step", must_not_time)
+    monkeypatch.setattr("convgrad.bench.thread_budget.measure_thread_budget",
+                        lambda enabled=True, **kwargs: {"thread_budget": enabled, "operators": {}})
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(_model_args("--json", str(tmp_path / "out.json"))[1:])
+    assert cli.run(args) == 1
+    assert "GRADIENT MISMATCH" in capsys.readouterr().err
+    document = json.loads((tmp_path / "out.json").read_text())
+    assert document["models"] == [] and "planted" in document["meta"]["gradient_failure"]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch")
+def test_model_and_suite_together_are_refused(tmp_path):
+    done = _convgrad("bench", "--model", "resnet18", "--suite", "quick", cwd=tmp_path)
+    assert done.returncode == 2 and "choose one" in done.stderr
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch")
+def test_thread_budget_measurement_has_both_states():
+    from convgrad.bench.thread_budget import measure_thread_budget
+
+    for enabled in (True, False):
+        result = measure_thread_budget(enabled, repeats=1, warmup=0, activation=(1, 8, 8, 8))
+        assert result["thread_budget"] is enabled and result["repeats"] == 1
+        for name, r in result["operators"].items():
+            assert r["after_torch_s"] > 0 and r["after_convgrad_s"] > 0, name

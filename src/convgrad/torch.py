@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from convgrad import functional
+from convgrad.backends import numpy_backend
 from convgrad.backends import registered as registered_backends
 from convgrad.nn import transposed_as_conv
 from convgrad.problem import expand_param, normalize_padding
@@ -178,11 +180,103 @@ def _cupy_importable() -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------
+# One thread budget: convgrad's CPU work runs on PyTorch's threads, never beside them
+#
+# NumPy's OpenBLAS keeps its worker threads busy-waiting for about 0.1 s after each GEMM; on
+# a machine with as many cores as PyTorch has threads, they then take the cores from the
+# PyTorch operators that follow (a batch norm after a convgrad convolution ran 7 times
+# slower on two cores).  Limiting OpenBLAS to one thread ends the contention but leaves the
+# GEMMs on one core.  Instead, inside convgrad.torch the numpy backend's GEMMs run through
+# torch.matmul on zero-copy views, on PyTorch's own pool and thread count: one pool does
+# all the work, and nothing spins when it returns.
+
+
+def _tensor_view(a: np.ndarray) -> Tensor:
+    """``a`` as a CPU tensor sharing its memory (a copy only for negative strides, which tensors lack)."""
+    if any(stride < 0 for stride in a.strides):
+        a = np.ascontiguousarray(a)
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    # Read-only views (im2col windows of the input) are only read here: PyTorch's warning about
+    # writing to them does not apply.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+#: GEMMs with fewer multiply-adds per matrix than this stay on NumPy: OpenBLAS runs them on
+#: the calling thread without waking its workers (its own threshold for threading is
+#: 4 x 65536), while entering PyTorch's OpenMP pool for them costs more than the product, and
+#: on a loaded machine the pool's barrier waited milliseconds for a descheduled thread.
+_SMALL_GEMM_MACS = 4 * 65536
+
+
+def _torch_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``np.matmul(a, b, out=out)`` computed by ``torch.matmul`` on PyTorch's thread pool (small ones by NumPy)."""
+    if a.shape[-2] * a.shape[-1] * b.shape[-1] < _SMALL_GEMM_MACS:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        return torch.matmul(_tensor_view(a), _tensor_view(b)).numpy()
+    torch.matmul(_tensor_view(a), _tensor_view(b), out=torch.from_numpy(out))
+    return out
+
+
+@contextlib.contextmanager
+def _numba_threads(threads: int) -> Iterator[None]:
+    """Numba's CPU kernels on at most ``threads`` threads inside the block, when Numba's pool runs.
+
+    A pool that has not started is left alone: starting it here would choose Numba's
+    threading layer before convgrad's kernel module has set it.  Without Numba nothing happens.
+    """
+    numba = sys.modules.get("numba")
+    previous = None
+    if numba is not None:
+        try:
+            from numba.np.ufunc import parallel
+
+            if parallel._is_initialized:
+                previous = numba.get_num_threads()
+                numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        except (ImportError, AttributeError, ValueError):
+            previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            numba.set_num_threads(previous)
+
+
+_thread_budget_state = {"enabled": True}
+
+
+@contextlib.contextmanager
+def _thread_budget(enabled: bool) -> Iterator[None]:
+    """Turn the thread budget on or off inside the block (``convgrad bench`` compares both)."""
+    previous = _thread_budget_state["enabled"]
+    _thread_budget_state["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _thread_budget_state["enabled"] = previous
+
+
+@contextlib.contextmanager
+def _cpu_thread_budget() -> Iterator[None]:
+    """Inside the block, convgrad's CPU GEMMs and Numba kernels use PyTorch's threads."""
+    if not _thread_budget_state["enabled"]:
+        yield
+        return
+    with numpy_backend.gemms_through(_torch_matmul), _numba_threads(torch.get_num_threads()):
+        yield
+
+
 @contextlib.contextmanager
 def _arrays_for(device: torch.device) -> Iterator[_Arrays]:
     """Array views for tensors on ``device``, with PyTorch's current stream current for the call."""
     if device.type == "cpu":
-        yield _Arrays("numpy")
+        with _cpu_thread_budget():
+            yield _Arrays("numpy")
         return
     if device.type != "cuda":
         raise TypeError(f"convgrad.torch: tensors on {device.type} are not supported; use CPU or CUDA tensors")

@@ -22,11 +22,12 @@ once on store; float64 stays float64.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -51,6 +52,37 @@ _CHUNK_TARGET_BYTES = 16 * 2**20
 # for BLAS, and it reads and writes NCHW images in place instead of transposing the batch
 # into the GEMM's columns and back.
 _PER_IMAGE_MIN_COLUMNS = 512
+
+
+# Every GEMM of this backend goes through _matmul, so that a caller which owns the cores can
+# run them on its own thread pool (see gemms_through).  Inside PyTorch, NumPy's OpenBLAS
+# workers busy-wait for about 0.1 s after each call and take the cores from PyTorch's next
+# operators; convgrad.torch routes the GEMMs to torch.matmul instead.
+_gemm_route = threading.local()
+Matmul = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.matmul(a, b, out=out)``, or the matmul routed to for the calling thread."""
+    route = getattr(_gemm_route, "matmul", None)
+    if route is None:
+        return np.matmul(a, b, out=out)
+    return route(a, b, out)
+
+
+@contextlib.contextmanager
+def gemms_through(matmul: Matmul | None) -> Iterator[None]:
+    """Run this thread's GEMMs through ``matmul(a, b, out)`` (``np.matmul``'s meaning) inside the block.
+
+    ``None`` means NumPy's own.  ``out`` is None or a C-contiguous array of the result's shape
+    and dtype; the function returns the result (``out`` when given).
+    """
+    previous = getattr(_gemm_route, "matmul", None)
+    _gemm_route.matmul = matmul
+    try:
+        yield
+    finally:
+        _gemm_route.matmul = previous
 
 
 class _Plan:
@@ -252,9 +284,9 @@ class NumpyBackend(Backend):
                     wm = _weight_matrix(w[ks], taps, problem)
                     if y is None:
                         shape = (col.shape[0], Kg, col.shape[2]) if plan.per_image else (Kg, col.shape[1])
-                        y = np.matmul(wm, col, out=_scratch("gemm", shape, acc))
+                        y = _matmul(wm, col, out=_scratch("gemm", shape, acc))
                     else:
-                        y += np.matmul(wm, col)
+                        y += _matmul(wm, col)
                 if bias_acc is not None:
                     y += bias_acc[ks, None]
                 if plan.per_image:
@@ -289,7 +321,7 @@ class NumpyBackend(Backend):
                 nb = dY.shape[1] // math.prod(problem.output_size)
                 dxpad = _scratch("dxpad", (nb, Cg, *padded_shape), acc, zero=True)
                 for taps in plan.tap_groups():
-                    dcol = _weight_matrix(w[ks], taps, problem).T @ dY
+                    dcol = _matmul(_weight_matrix(w[ks], taps, problem).T, dY)
                     dcol = dcol.reshape(Cg, len(taps), nb, *problem.output_size)
                     # col2im: each tap's rows go back to the input positions that tap read.
                     for i, tap in enumerate(taps):
@@ -306,7 +338,7 @@ class NumpyBackend(Backend):
             wt = np.asarray(w[ks], dtype=acc).reshape(Kg, Cg).T
             for batch in plan.batches():
                 dyb = np.asarray(dy[batch, ks], dtype=acc)
-                dx = np.matmul(wt, dyb.reshape(dyb.shape[0], Kg, -1))
+                dx = _matmul(wt, dyb.reshape(dyb.shape[0], Kg, -1))
                 np.copyto(out[batch, cs], dx.reshape(out[batch, cs].shape), casting="unsafe")
 
     # -- wgrad ---------------------------------------------------------------------------
@@ -332,9 +364,9 @@ class NumpyBackend(Backend):
                 for taps in plan.tap_groups():
                     col = _im2col(xpad, problem, taps, per_image=plan.per_image)
                     if plan.per_image:
-                        part = np.matmul(dY, col.transpose(0, 2, 1)).sum(axis=0)
+                        part = _matmul(dY, col.transpose(0, 2, 1)).sum(axis=0)
                     else:
-                        part = dY @ col.T
+                        part = _matmul(dY, col.T)
                     dw[:, :, start:start + len(taps)] += part.reshape(Kg, Cg, len(taps))
                     start += len(taps)
             np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")

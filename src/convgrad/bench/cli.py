@@ -17,6 +17,7 @@ from ..problem import PASSES
 from .report import print_table, require_matplotlib, write_json, write_plot
 from .runner import Bench, Options
 from .suites import SUITES
+from .training import MODEL_NAMES
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -41,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every record and the machine description as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a plot of TFLOP/s per layer (PNG, SVG, PDF)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    models = parser.add_argument_group("whole training steps (instead of the layer suites)")
+    models.add_argument("--model", action="append", choices=MODEL_NAMES,
+                        help="time a training step of this network patched with convgrad.torch.patch against native "
+                             "PyTorch, after checking their float64 gradients agree (repeatable); default batch 4")
+    models.add_argument("--size", type=int, default=64, help="--model: input height and width (default 64)")
+    models.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="--model: where the models run")
+    models.add_argument("--thread-budget", action="store_true",
+                        help="measure how much a convgrad call slows the PyTorch operator after it, with "
+                             "convgrad.torch's thread budget on and off")
+    models.add_argument("--no-thread-budget", action="store_true",
+                        help="--model: time the patched model with convgrad.torch's thread budget off (for comparison)")
 
 
 def _resolve_backends(requested: list[str] | None) -> list[str]:
@@ -130,6 +142,10 @@ def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) or getattr(args, "thread_budget", False):
+        from .model_run import run_models
+
+        return run_models(args)
     try:
         opts = options_from_args(args)
     except ValueError as error:
