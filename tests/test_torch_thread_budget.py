@@ -1,4 +1,8 @@
-"""convgrad.torch's thread budget: on CPU tensors the numpy backend's GEMMs run on PyTorch's pool.
+"""convgrad.torch's thread budget: on CPU tensors convgrad's CPU work stays within PyTorch's threads.
+
+A call that is one chunk of work runs its GEMMs on PyTorch's pool; a call cut into several
+chunks runs them side by side on PyTorch's thread count, each GEMM on NumPy's BLAS held to one
+thread (``cpu_workers``).  Either way OpenBLAS's own pool never wakes.
 
 What is checked here is the routing and its numerics (results as PyTorch's, bit-identical
 run to run); how much it speeds a training step is a benchmark (``convgrad bench
@@ -13,13 +17,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import convgrad.torch as ct  # noqa: E402
-from convgrad.backends import numpy_backend  # noqa: E402
+from convgrad.backends import cpu_workers, numpy_backend  # noqa: E402
 
 
 @pytest.fixture
 def counted_gemms(monkeypatch):
     """Counts the GEMMs convgrad.torch hands to PyTorch, and every GEMM NumPy's BLAS runs for the backend."""
-    counts = {"torch": 0, "torch.matmul": 0, "numpy": 0}
+    counts = {"torch": 0, "torch.matmul": 0, "numpy": 0, "blas_threads": set()}
     to_torch, matmul = ct._torch_matmul, torch.matmul
 
     def via_torch(a, b, out):
@@ -34,6 +38,7 @@ def counted_gemms(monkeypatch):
 
     def via_numpy(a, b, out=None):
         counts["numpy"] += 1
+        counts["blas_threads"].update(lib.num_threads for lib in cpu_workers._blas_libraries().lib_controllers)
         return np.matmul(a, b, out=out)
 
     monkeypatch.setattr(ct, "_torch_matmul", via_torch)
@@ -56,12 +61,26 @@ def _train_once(layer, x):
     return x.grad, layer.weight.grad
 
 
+@pytest.fixture
+def two_torch_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kernel, stride, padding, groups", [(3, 1, 1, 1), (3, 2, 1, 2), (1, 1, 0, 1)],
                          ids=["3x3", "3x3_s2_g2", "1x1"])
-def test_gemms_run_on_torch_and_match_native(counted_gemms, dtype, kernel, stride, padding, groups):
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["one_after_another", "side_by_side"])
+def test_gemms_stay_within_torch_threads_and_match_native(counted_gemms, two_torch_threads, monkeypatch, dtype, kernel,
+                                                          stride, padding, groups, side_by_side):
+    if side_by_side:
+        # Every chunk of these small problems side by side, as the stem of a network runs.
+        monkeypatch.setattr(numpy_backend, "_SIDE_BY_SIDE_MIN_MACS", 0)
+        monkeypatch.setattr(numpy_backend, "_SIDE_BY_SIDE_MAX_ROWS", 10**9)
     torch.manual_seed(0)
-    # Large enough that every pass's GEMMs pass _SMALL_GEMM_MACS and run in PyTorch.
+    # Large enough that every pass's GEMMs pass _SMALL_GEMM_MACS and would run in PyTorch.
     native = torch.nn.Conv2d(32, 48, kernel, stride, padding, groups=groups).to(dtype)
     patched = ct.patch(torch.nn.Conv2d(32, 48, kernel, stride, padding, groups=groups).to(dtype))
     patched.load_state_dict(native.state_dict())
@@ -69,9 +88,16 @@ def test_gemms_run_on_torch_and_match_native(counted_gemms, dtype, kernel, strid
     expected = _train_once(native, x)
     counted_gemms["torch.matmul"] = 0  # count convgrad's products only
     got = _train_once(patched, x)
-    assert counted_gemms["torch"] >= 3, "fprop, dgrad and wgrad should each route a GEMM to PyTorch"
-    assert counted_gemms["torch.matmul"] >= 3
-    assert counted_gemms["numpy"] == 0, "no GEMM of a convgrad.torch call may run on NumPy's BLAS"
+    if not side_by_side:
+        # Chunks one after another: their GEMMs run on PyTorch's pool, none on NumPy's BLAS.
+        assert counted_gemms["torch"] >= 3, "fprop, dgrad and wgrad should each route a GEMM to PyTorch"
+        assert counted_gemms["torch.matmul"] >= 3
+        assert counted_gemms["numpy"] == 0, "no GEMM of a convgrad.torch call may run on NumPy's BLAS pool"
+    else:
+        # Chunks side by side on PyTorch's two threads: each GEMM on NumPy's BLAS held to one thread.
+        assert counted_gemms["numpy"] >= 3 * 2
+        assert counted_gemms["blas_threads"] == {1}, "OpenBLAS's pool must not run beside PyTorch's"
+        assert counted_gemms["torch"] == 0
     tol = 1e-4 if dtype == torch.float32 else 1e-11
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)

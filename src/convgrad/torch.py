@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from convgrad import functional
-from convgrad.backends import numpy_backend
+from convgrad.backends import cpu_workers, numpy_backend
 from convgrad.backends import registered as registered_backends
 from convgrad.nn import transposed_as_conv
 from convgrad.problem import expand_param, normalize_padding
@@ -267,7 +267,8 @@ def _cpu_thread_budget() -> Iterator[None]:
     if not _thread_budget_state["enabled"]:
         yield
         return
-    with numpy_backend.gemms_through(_torch_matmul), _numba_threads(torch.get_num_threads()):
+    threads = torch.get_num_threads()
+    with numpy_backend.gemms_through(_torch_matmul), _numba_threads(threads), cpu_workers.limited_to(threads):
         yield
 
 

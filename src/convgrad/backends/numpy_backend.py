@@ -8,13 +8,15 @@ into the GEMM's long axis, so small spatial extents still give BLAS big matrices
             (with stride 1, instead the forward pass of dy with the flipped kernel)
     wgrad:  dWm               = dY @ col.T
 
-``col`` is im2col of the zero-padded input, built from ``sliding_window_view`` (one strided
-copy; Python loops run only over batch chunks, groups and kernel taps, never over output
-pixels).  Chunking keeps the temporaries (padded input, ``col``, the GEMM result) under
-the workspace cap (``CONVGRAD_WORKSPACE_MB``, default 256 MiB): first over the batch, and
-when one image's full im2col would not fit, over kernel taps as well, down to one tap at
-a time (shift-GEMM).  Depthwise convolutions skip the GEMM: Numba-compiled direct loops
-(``cpu_kernels``) compute them in the caller's layout.
+``col`` is im2col of the input, built by compiled loops (``cpu_im2col``) that write zeros
+where a tap falls in the padding; dgrad's col2im is the same loops' adjoint.  Python loops
+run only over chunks, groups and kernel taps, never over output pixels.  Chunking keeps the
+temporaries (``col``, the GEMM result) under the workspace cap (``CONVGRAD_WORKSPACE_MB``,
+default 256 MiB): first over the batch, and when one image's full im2col would not fit,
+over kernel taps as well, down to one tap at a time (shift-GEMM).  Large chunks run side by
+side on the CPU's cores, each with one-thread BLAS (``cpu_workers``); the compiled loops
+release the GIL, so their copies overlap too.  Depthwise convolutions skip the GEMM:
+Numba-compiled direct loops (``cpu_kernels``) compute them in the caller's layout.
 
 16-bit inputs are widened to float32 while building ``col`` and the result is rounded
 once on store; float64 stays float64.
@@ -30,10 +32,10 @@ from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import options
 from ..problem import ConvProblem
+from . import cpu_im2col, cpu_workers
 from .base import Backend
 
 
@@ -86,35 +88,94 @@ def gemms_through(matmul: Matmul | None) -> Iterator[None]:
 
 
 class _Plan:
-    """Batch and tap chunking for one problem: temporaries stay under the workspace cap."""
+    """Batch and tap chunking for one problem: temporaries stay under the workspace cap.
 
-    def __init__(self, problem: ConvProblem, out_channels: int, in_channels: int | None = None) -> None:
+    ``workers`` chunks run at once (``cpu_workers``), each with its own temporaries, so each
+    gets its share of the cap, and the batch is cut into at least ``workers`` chunks.
+    """
+
+    def __init__(self, problem: ConvProblem, out_channels: int, in_channels: int | None = None, *,
+                 workers: int = 1) -> None:
         self.problem = problem
         self.itemsize = np.dtype(_accumulator(problem)).itemsize
         self.taps = list(itertools.product(*(range(k) for k in problem.kernel_size)))
         spatial_out = math.prod(problem.output_size)
         padded = math.prod(n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after))
         cg = problem.C_per_group if in_channels is None else in_channels
-        cap = _workspace_bytes()
+        cap = _workspace_bytes() // max(1, workers)
         # Bytes one image needs: its padded input, one tap's rows of col, and the GEMM result.
         per_image_fixed = self.itemsize * (cg * padded + out_channels * spatial_out)
         per_image_tap = self.itemsize * cg * spatial_out
         full_image = per_image_fixed + per_image_tap * len(self.taps)
         self.per_image = spatial_out >= _PER_IMAGE_MIN_COLUMNS
         if full_image <= cap:
-            self.batch = max(1, min(problem.N, min(cap, _CHUNK_TARGET_BYTES) // full_image))
+            by_size = min(cap, _CHUNK_TARGET_BYTES) // full_image
+            self.batch = max(1, min(problem.N, by_size, -(-problem.N // max(1, workers))))
             self.tap_chunk = len(self.taps)
         else:
+            # Tap by tap, each further group of taps also needs a GEMM result of its own.
+            fixed = per_image_fixed + self.itemsize * out_channels * spatial_out
             self.batch = 1
-            self.tap_chunk = max(1, min(len(self.taps), (cap - per_image_fixed) // max(per_image_tap, 1)))
+            self.tap_chunk = max(1, min(len(self.taps), (cap - fixed) // max(per_image_tap, 1)))
 
     def batches(self) -> Iterator[slice]:
         for start in range(0, self.problem.N, self.batch):
             yield slice(start, min(start + self.batch, self.problem.N))
 
+    def chunks(self) -> list[tuple[int, slice]]:
+        """Every (group, batch slice) pair, groups outermost: the independent pieces of a call."""
+        return [(g, batch) for g in range(self.problem.G) for batch in self.batches()]
+
     def tap_groups(self) -> Iterator[list[tuple[int, int, int]]]:
         for start in range(0, len(self.taps), self.tap_chunk):
             yield self.taps[start:start + self.tap_chunk]
+
+
+# Chunks run side by side only where that was measured to pay on two cores: GEMMs with a
+# short reduction (few input channels times taps, as in a network's stem), where OpenBLAS
+# splits one GEMM poorly between its threads (the 7x7/2 stem from 3 channels at 224x224,
+# batch 8: 1.25 to 1.7 times faster side by side).  With long reductions the threaded GEMM
+# is as fast or faster (a 3x3 layer of 32 channels at 56x56: 1.1 to 1.6 times slower side by
+# side), and below about 64M multiply-adds per chunk handing chunks to threads costs more than
+# it saves.
+_SIDE_BY_SIDE_MAX_ROWS = 256
+_SIDE_BY_SIDE_MIN_MACS = 64 * 2**20
+
+
+def _planned(problem: ConvProblem, out_channels: int, in_channels: int | None = None) -> tuple[_Plan, int]:
+    """The chunking for ``problem`` and how many threads run its chunks side by side."""
+    threads = cpu_workers.thread_count()
+    cg = problem.C_per_group if in_channels is None else in_channels
+    rows = cg * math.prod(problem.kernel_size)
+    if threads > 1 and rows <= _SIDE_BY_SIDE_MAX_ROWS:
+        plan = _Plan(problem, out_channels, in_channels, workers=threads)
+        macs = out_channels * rows * plan.batch * math.prod(problem.output_size)
+        if macs >= _SIDE_BY_SIDE_MIN_MACS and len(plan.chunks()) > 1:
+            return plan, threads
+    return _Plan(problem, out_channels, in_channels), 1
+
+
+def _run_chunks(work: Callable[[list[tuple[int, slice]]], Any], plan: _Plan, threads: int) -> list[Any]:
+    """``work(pieces)`` for blocks of ``plan.chunks()`` side by side; each block's result, in block order.
+
+    ``work`` processes its (group, batch) pieces in the order given.  Side by side, every GEMM
+    runs on NumPy's BLAS held to one thread, on the thread of its block (a routed matmul,
+    see gemms_through, would put a second thread pool beside these threads).
+    """
+    chunks = plan.chunks()
+
+    def block(indices: range) -> Any:
+        with contextlib.nullcontext() if len(indices) == len(chunks) else gemms_through(None):
+            return work([chunks[i] for i in indices])
+
+    return cpu_workers.run_blocks(block, len(chunks), threads)
+
+
+def _each(chunk: Callable[[tuple[int, slice]], None]) -> Callable[[list[tuple[int, slice]]], None]:
+    def work(pieces: list[tuple[int, slice]]) -> None:
+        for piece in pieces:
+            chunk(piece)
+    return work
 
 
 # Temporaries up to this size are kept per thread and reused by the next call.  Freshly
@@ -140,65 +201,28 @@ def _scratch(role: str, shape: tuple[int, ...], dtype: Any, *, zero: bool = Fals
     return array
 
 
-def _padded(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
-    """``x`` (n, c, D, H, W) zero-padded and in the accumulator dtype (no copy when neither is needed)."""
-    acc = _accumulator(problem)
-    if not any(problem.pad_before) and not any(problem.pad_after) and x.dtype == acc:
-        return x
-    spatial = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
-    out = _scratch("pad", (x.shape[0], x.shape[1], *spatial), acc, zero=True)
-    out[(slice(None), slice(None), *_interior(problem))] = x
-    return out
+def _columns(x: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int]], *,
+             per_image: bool = False) -> np.ndarray:
+    """im2col of the (unpadded) input chunk ``x`` (n, c, D, H, W) for ``taps``, by the compiled loops.
 
-
-def _interior(problem: ConvProblem) -> tuple[slice, ...]:
-    return tuple(slice(b, b + n) for b, n in zip(problem.pad_before, problem.input_size))
-
-
-def _tap_view(xpad: np.ndarray, problem: ConvProblem, tap: tuple[int, int, int]) -> np.ndarray:
-    """The (n, c, Z, P, Q) strided view of the padded input that kernel tap ``tap`` reads."""
-    index = tuple(
-        slice(k * d, k * d + s * (z - 1) + 1, s)
-        for k, d, s, z in zip(tap, problem.dilation, problem.stride, problem.output_size)
-    )
-    return xpad[(slice(None), slice(None), *index)]
-
-
-def _windows(xpad: np.ndarray, problem: ConvProblem) -> np.ndarray:
-    """All taps at once: an (n, c, Z, P, Q, T, R, S) view of the padded input."""
-    span = [d * (k - 1) + 1 for k, d in zip(problem.kernel_size, problem.dilation)]
-    view = sliding_window_view(xpad, span, axis=(2, 3, 4))
-    index = tuple(slice(0, s * (z - 1) + 1, s) for s, z in zip(problem.stride, problem.output_size))
-    index += tuple(slice(None, None, d) for d in problem.dilation)
-    return view[(slice(None), slice(None), *index)]
-
-
-def _im2col(xpad: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int]], *,
-            per_image: bool = False) -> np.ndarray:
-    """im2col of the padded input for ``taps``; rows ordered (c, tap).
-
-    Batch folded into the columns: (c·len(taps), n·Z·P·Q).  ``per_image``: one matrix per
-    image, (n, c·len(taps), Z·P·Q), a view without a copy for an unpadded 1×1 convolution.
+    Batch folded into the columns: (c·len(taps), n·Z·P·Q); ``per_image``: one matrix per
+    image, (n, c·len(taps), Z·P·Q).  Rows ordered (c, tap).  16-bit inputs are widened to float32 first.  An unpadded 1×1 convolution per image
+    is a view of the input, without a copy.
     """
-    n, c = xpad.shape[:2]
+    acc = _accumulator(problem)
+    n, c = x.shape[:2]
     spatial = math.prod(problem.output_size)
-    if len(taps) == math.prod(problem.kernel_size):
-        windows = _windows(xpad, problem)  # (n, c, Z, P, Q, T, R, S)
-        order = (0, 1, 5, 6, 7, 2, 3, 4) if per_image else (1, 5, 6, 7, 0, 2, 3, 4)
-        view = windows.transpose(order)
-        if not view.flags.c_contiguous:
-            col = _scratch("col", view.shape, xpad.dtype)
-            np.copyto(col, view)
-            view = col
-    else:
-        view = _scratch("col", (n, c, len(taps), *problem.output_size) if per_image else
-                        (c, len(taps), n, *problem.output_size), xpad.dtype)
-        for i, tap in enumerate(taps):
-            source = _tap_view(xpad, problem, tap)
-            np.copyto(view[:, :, i] if per_image else view[:, i], source if per_image else source.transpose(1, 0, 2, 3, 4))
-    if per_image:
-        return view.reshape(n, c * len(taps), spatial)
-    return view.reshape(c * len(taps), n * spatial)
+    if per_image and _is_pointwise(problem) and x.dtype == acc and x.flags.c_contiguous:
+        return x.reshape(n, c, spatial)
+    if x.dtype != acc:
+        widened = _scratch("widened", x.shape, acc)
+        np.copyto(widened, x)
+        x = widened
+    rows = c * len(taps)
+    col = _scratch("col", (n, rows, *problem.output_size) if per_image else (rows, n, *problem.output_size), acc)
+    cpu_im2col.im2col(x, col, np.array(taps, np.int64).reshape(-1, 3), not per_image, problem.stride,
+                      problem.dilation, problem.pad_before)
+    return col.reshape(n, rows, spatial) if per_image else col.reshape(rows, n * spatial)
 
 
 def _weight_matrix(w: np.ndarray, taps: list[tuple[int, int, int]], problem: ConvProblem) -> np.ndarray:
@@ -249,10 +273,10 @@ def _full_convolution(problem: ConvProblem) -> ConvProblem | None:
 
 
 def _flipped_transposed(w: np.ndarray, problem: ConvProblem) -> np.ndarray:
-    """(K, C/G, T, R, S) -> (C, K/G, T, R, S): channels transposed within each group, taps flipped."""
+    """(K, C/G, T, R, S) -> (C, K/G, T, R, S) in the accumulator dtype: channels transposed within each group, taps flipped."""
     G, Kg, Cg = problem.G, problem.K_per_group, problem.C_per_group
-    grouped = w.reshape(G, Kg, Cg, *problem.kernel_size).transpose(0, 2, 1, 3, 4, 5)[..., ::-1, ::-1, ::-1]
-    return np.ascontiguousarray(grouped).reshape(problem.C, Kg, *problem.kernel_size)
+    grouped = np.asarray(w, dtype=_accumulator(problem)).reshape(G, Kg, Cg, -1)
+    return cpu_im2col.flip_transpose(grouped).reshape(problem.C, Kg, *problem.kernel_size)
 
 
 class NumpyBackend(Backend):
@@ -272,27 +296,29 @@ class NumpyBackend(Backend):
             self._depthwise_forward(x, w, bias_acc, problem, out)
             return
         Cg, Kg = problem.C_per_group, problem.K_per_group
-        plan = _Plan(problem, Kg)
-        for g in range(problem.G):
+        plan, threads = _planned(problem, Kg)
+
+        def chunk(piece: tuple[int, slice]) -> None:
+            g, batch = piece
             cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
-            for batch in plan.batches():
-                xpad = _padded(x[batch, cs], problem)
-                y = None
-                for taps in plan.tap_groups():
-                    # per_image: (K/G, rows) @ (n, rows, Z·P·Q) -> (n, K/G, Z·P·Q), one GEMM per image.
-                    col = _im2col(xpad, problem, taps, per_image=plan.per_image)
-                    wm = _weight_matrix(w[ks], taps, problem)
-                    if y is None:
-                        shape = (col.shape[0], Kg, col.shape[2]) if plan.per_image else (Kg, col.shape[1])
-                        y = _matmul(wm, col, out=_scratch("gemm", shape, acc))
-                    else:
-                        y += _matmul(wm, col)
-                if bias_acc is not None:
-                    y += bias_acc[ks, None]
-                if plan.per_image:
-                    np.copyto(out[batch, ks], y.reshape(out[batch, ks].shape), casting="unsafe")
+            y = None
+            for taps in plan.tap_groups():
+                # per_image: (K/G, rows) @ (n, rows, Z·P·Q) -> (n, K/G, Z·P·Q), one GEMM per image.
+                col = _columns(x[batch, cs], problem, taps, per_image=plan.per_image)
+                wm = _weight_matrix(w[ks], taps, problem)
+                if y is None:
+                    shape = (col.shape[0], Kg, col.shape[2]) if plan.per_image else (Kg, col.shape[1])
+                    y = _matmul(wm, col, out=_scratch("gemm", shape, acc))
                 else:
-                    _store_batch_first(out[batch, ks], y)
+                    y += _matmul(wm, col)
+            if bias_acc is not None:
+                y += bias_acc[ks, None]
+            if plan.per_image:
+                np.copyto(out[batch, ks], y.reshape(out[batch, ks].shape), casting="unsafe")
+            else:
+                _store_batch_first(out[batch, ks], y)
+
+        _run_chunks(_each(chunk), plan, threads)
 
     # -- dgrad ---------------------------------------------------------------------------
     def grad_input(self, dy: np.ndarray, w: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
@@ -312,34 +338,47 @@ class NumpyBackend(Backend):
             self.forward(dy, _flipped_transposed(w, problem), None, full, out)
             return
         Cg, Kg = problem.C_per_group, problem.K_per_group
-        plan = _Plan(problem, Kg)
-        padded_shape = [n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after)]
-        for g in range(problem.G):
+        plan, threads = _planned(problem, Kg)
+
+        def chunk(piece: tuple[int, slice]) -> None:
+            g, batch = piece
             cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
-            for batch in plan.batches():
-                dY = _batch_last(dy[batch, ks], acc)
-                nb = dY.shape[1] // math.prod(problem.output_size)
-                dxpad = _scratch("dxpad", (nb, Cg, *padded_shape), acc, zero=True)
-                for taps in plan.tap_groups():
-                    dcol = _matmul(_weight_matrix(w[ks], taps, problem).T, dY)
-                    dcol = dcol.reshape(Cg, len(taps), nb, *problem.output_size)
-                    # col2im: each tap's rows go back to the input positions that tap read.
-                    for i, tap in enumerate(taps):
-                        _tap_view(dxpad, problem, tap).__iadd__(dcol[:, i].transpose(1, 0, 2, 3, 4))
-                np.copyto(out[batch, cs], dxpad[(slice(None), slice(None), *_interior(problem))], casting="unsafe")
+            dY = _batch_last(dy[batch, ks], acc)
+            nb = dY.shape[1] // math.prod(problem.output_size)
+            target = out[batch, cs]
+            dx = target if target.dtype == acc else _scratch("dx", target.shape, acc)
+            partial = None
+            for taps in plan.tap_groups():
+                dcol = _matmul(_weight_matrix(w[ks], taps, problem).T, dY)
+                # col2im: each tap's rows go back to the input positions that tap read.
+                into = dx if partial is None else _scratch("dx_taps", dx.shape, acc)
+                cpu_im2col.col2im(dcol.reshape(Cg * len(taps), nb, *problem.output_size), into,
+                                  np.array(taps, np.int64).reshape(-1, 3), True, problem.stride, problem.dilation,
+                                  problem.pad_before)
+                if partial is None:
+                    partial = dx
+                else:
+                    partial += into
+            if dx is not target:
+                np.copyto(target, dx, casting="unsafe")
+
+        _run_chunks(_each(chunk), plan, threads)
 
     def _pointwise_grad_input(self, dy: np.ndarray, w: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
         """dx[n] (C/G, H·W) = Wm.T (C/G, K/G) @ dy[n] (K/G, H·W): no im2col, no flip, no transposes."""
         acc = _accumulator(problem)
         Cg, Kg = problem.C_per_group, problem.K_per_group
-        plan = _Plan(problem, Kg)
-        for g in range(problem.G):
+        plan, threads = _planned(problem, Kg)
+
+        def chunk(piece: tuple[int, slice]) -> None:
+            g, batch = piece
             cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
             wt = np.asarray(w[ks], dtype=acc).reshape(Kg, Cg).T
-            for batch in plan.batches():
-                dyb = np.asarray(dy[batch, ks], dtype=acc)
-                dx = _matmul(wt, dyb.reshape(dyb.shape[0], Kg, -1))
-                np.copyto(out[batch, cs], dx.reshape(out[batch, cs].shape), casting="unsafe")
+            dyb = np.asarray(dy[batch, ks], dtype=acc)
+            dx = _matmul(wt, dyb.reshape(dyb.shape[0], Kg, -1))
+            np.copyto(out[batch, cs], dx.reshape(out[batch, cs].shape), casting="unsafe")
+
+        _run_chunks(_each(chunk), plan, threads)
 
     # -- wgrad ---------------------------------------------------------------------------
     def grad_weight(self, x: np.ndarray, dy: np.ndarray, problem: ConvProblem, out: np.ndarray) -> None:
@@ -348,27 +387,51 @@ class NumpyBackend(Backend):
             self._depthwise_grad_weight(x, dy, problem, out)
             return
         Cg, Kg = problem.C_per_group, problem.K_per_group
-        plan = _Plan(problem, Kg)
+        plan, threads = _planned(problem, Kg)
         taps_all = plan.taps
-        for g in range(problem.G):
+
+        def chunk(piece: tuple[int, slice]) -> tuple[int, np.ndarray]:
+            g, batch = piece
             cs, ks = slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)
-            dw = np.zeros((Kg, Cg, len(taps_all)), dtype=acc)
-            for batch in plan.batches():
-                xpad = _padded(x[batch, cs], problem)
+            dw = np.empty((Kg, Cg, len(taps_all)), dtype=acc)
+            nb = batch.stop - batch.start
+            if plan.per_image:
+                # (n, K/G, Z·P·Q) @ (n, Z·P·Q, rows), summed over the images.
+                dY = np.ascontiguousarray(dy[batch, ks], dtype=acc).reshape(nb, Kg, -1)
+            else:
+                dY = _batch_last(dy[batch, ks], acc)
+            start = 0
+            for taps in plan.tap_groups():
+                col = _columns(x[batch, cs], problem, taps, per_image=plan.per_image)
                 if plan.per_image:
-                    # (n, K/G, Z·P·Q) @ (n, Z·P·Q, rows), summed over the images.
-                    dY = np.ascontiguousarray(dy[batch, ks], dtype=acc).reshape(xpad.shape[0], Kg, -1)
+                    part = _matmul(dY, col.transpose(0, 2, 1)).sum(axis=0)
                 else:
-                    dY = _batch_last(dy[batch, ks], acc)
-                start = 0
-                for taps in plan.tap_groups():
-                    col = _im2col(xpad, problem, taps, per_image=plan.per_image)
-                    if plan.per_image:
-                        part = _matmul(dY, col.transpose(0, 2, 1)).sum(axis=0)
-                    else:
-                        part = _matmul(dY, col.T)
-                    dw[:, :, start:start + len(taps)] += part.reshape(Kg, Cg, len(taps))
-                    start += len(taps)
+                    part = _matmul(dY, col.T)
+                dw[:, :, start:start + len(taps)] = part.reshape(Kg, Cg, len(taps))
+                start += len(taps)
+            return g, dw
+
+        def summed(pieces: list[tuple[int, slice]]) -> dict[int, np.ndarray]:
+            sums: dict[int, np.ndarray] = {}
+            for piece in pieces:
+                g, dw = chunk(piece)
+                if g in sums:
+                    sums[g] += dw
+                else:
+                    sums[g] = dw
+            return sums
+
+        # Each block sums its chunks in batch order, then the blocks are added in order: a
+        # fixed summation order for a given thread count.
+        totals: dict[int, np.ndarray] = {}
+        for sums in _run_chunks(summed, plan, threads):
+            for g, dw in sums.items():
+                if g in totals:
+                    totals[g] += dw
+                else:
+                    totals[g] = dw
+        for g, dw in totals.items():
+            ks = slice(g * Kg, (g + 1) * Kg)
             np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")
 
     # -- depthwise: compiled direct loops (cpu_kernels), chunked over the batch ------------
