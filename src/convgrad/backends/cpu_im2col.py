@@ -37,49 +37,76 @@ def _valid_outputs(offset, stride, size, outputs):
     return q0, max(q0, q1)
 
 
+#: Rows shorter than this are copied by one loop with a bounds test per element.
+_SHORT_ROW = 16
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _tap_columns(taps, sw, dw, pw, W, Q):
+    """Per tap: its column offset (input column of output q is q·sw + offset) and valid outputs [q0, q1).
+
+    Computed once per call: the divisions cost more than copying a short row.
+    """
+    L = taps.shape[0]
+    offsets = np.empty(L, np.int64)
+    q0 = np.empty(L, np.int64)
+    q1 = np.empty(L, np.int64)
+    for j in range(L):
+        offsets[j] = taps[j, 2] * dw - pw
+        q0[j], q1[j] = _valid_outputs(offsets[j], sw, W, Q)
+    return offsets, q0, q1
+
+
 @_jit
-def _im2col(x, col, taps, batch_last, sd, sh, sw, dd, dh, dw, pd, ph, pw):
+def _im2col(x, col, taps, sd, sh, sw, dd, dh, dw, pd, ph, pw):
+    # col is indexed [row, image, z, p, q] whatever its memory order (see im2col), and
+    # elements by direct indexing rather than row views: with rows of a few outputs (late
+    # layers at 7x7 and below) a view per row cost more than its copy.
     n, c, D, H, W = x.shape
     L = taps.shape[0]
     Z, P, Q = col.shape[2], col.shape[3], col.shape[4]
+    offsets, starts, stops = _tap_columns(taps, sw, dw, pw, W, Q)
     for i in range(n):
         for ch in range(c):
             for j in range(L):
-                t, r, s = taps[j, 0], taps[j, 1], taps[j, 2]
-                dest = col[ch * L + j, i] if batch_last else col[i, ch * L + j]
-                offset = s * dw - pw
-                q0, q1 = _valid_outputs(offset, sw, W, Q)
+                t, r = taps[j, 0], taps[j, 1]
+                row = ch * L + j
+                offset, q0, q1 = offsets[j], starts[j], stops[j]
                 for z in range(Z):
                     d = z * sd - pd + t * dd
                     for p in range(P):
                         h = p * sh - ph + r * dh
-                        row = dest[z, p]
                         if d < 0 or d >= D or h < 0 or h >= H:
-                            row[:] = 0
+                            for q in range(Q):
+                                col[row, i, z, p, np.uint64(q)] = 0
                             continue
-                        source = x[i, ch, d, h]
+                        if Q < _SHORT_ROW:
+                            # One loop with a test per element: cheaper than three loop setups.
+                            for q in range(Q):
+                                inside = q0 <= q < q1
+                                col[row, i, z, p, np.uint64(q)] = x[i, ch, d, h, np.uint64(q * sw + offset)] if inside else 0
+                            continue
                         for q in range(q0):
-                            row[np.uint64(q)] = 0
+                            col[row, i, z, p, np.uint64(q)] = 0
                         for q in range(q0, q1):
-                            row[np.uint64(q)] = source[np.uint64(q * sw + offset)]
+                            col[row, i, z, p, np.uint64(q)] = x[i, ch, d, h, np.uint64(q * sw + offset)]
                         for q in range(q1, Q):
-                            row[np.uint64(q)] = 0
+                            col[row, i, z, p, np.uint64(q)] = 0
 
 
 @_jit
-def _col2im(col, x, taps, batch_last, sd, sh, sw, dd, dh, dw, pd, ph, pw):
+def _col2im(col, x, taps, sd, sh, sw, dd, dh, dw, pd, ph, pw):
     n, c, D, H, W = x.shape
     L = taps.shape[0]
     Z, P, Q = col.shape[2], col.shape[3], col.shape[4]
+    offsets, starts, stops = _tap_columns(taps, sw, dw, pw, W, Q)
     for i in range(n):
         for ch in range(c):
-            plane = x[i, ch]
-            plane[:] = 0
+            x[i, ch] = 0
             for j in range(L):
-                t, r, s = taps[j, 0], taps[j, 1], taps[j, 2]
-                source = col[ch * L + j, i] if batch_last else col[i, ch * L + j]
-                offset = s * dw - pw
-                q0, q1 = _valid_outputs(offset, sw, W, Q)
+                t, r = taps[j, 0], taps[j, 1]
+                row = ch * L + j
+                offset, q0, q1 = offsets[j], starts[j], stops[j]
                 for z in range(Z):
                     d = z * sd - pd + t * dd
                     if d < 0 or d >= D:
@@ -88,10 +115,8 @@ def _col2im(col, x, taps, batch_last, sd, sh, sw, dd, dh, dw, pd, ph, pw):
                         h = p * sh - ph + r * dh
                         if h < 0 or h >= H:
                             continue
-                        row = plane[d, h]
-                        values = source[z, p]
                         for q in range(q0, q1):
-                            row[np.uint64(q * sw + offset)] += values[np.uint64(q)]
+                            x[i, ch, d, h, np.uint64(q * sw + offset)] += col[row, i, z, p, np.uint64(q)]
 
 
 @_jit
@@ -124,7 +149,7 @@ def im2col(x: np.ndarray, col: np.ndarray, taps: np.ndarray, batch_last: bool, s
         ``(L, 3)`` int64, the (t, r, s) of each tap, in row order.
     stride, dilation, pad_before : three ints each, along (D, H, W).
     """
-    _im2col(x, col, taps, batch_last, *_geometry(stride, dilation, pad_before))
+    _im2col(x, col if batch_last else col.transpose(1, 0, 2, 3, 4), taps, *_geometry(stride, dilation, pad_before))
 
 
 def col2im(col: np.ndarray, x: np.ndarray, taps: np.ndarray, batch_last: bool, stride, dilation,
@@ -133,7 +158,7 @@ def col2im(col: np.ndarray, x: np.ndarray, taps: np.ndarray, batch_last: bool, s
 
     The adjoint of :func:`im2col`, with the same shapes; ``x`` is overwritten.
     """
-    _col2im(col, x, taps, batch_last, *_geometry(stride, dilation, pad_before))
+    _col2im(col if batch_last else col.transpose(1, 0, 2, 3, 4), x, taps, *_geometry(stride, dilation, pad_before))
 
 
 def flip_transpose(w: np.ndarray) -> np.ndarray:
