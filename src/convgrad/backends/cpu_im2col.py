@@ -22,19 +22,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cpu_kernels import _valid_outputs
+
 # fastmath=False keeps the stated summation order; error_model="numpy" drops the Python
 # division checks.  Unsigned indices in the inner loops (kept in range by the bounds below)
 # spare Numba its negative-index test per element, which also blocks vectorisation.
 _jit = numba.njit(nogil=True, cache=True, fastmath=False, error_model="numpy")
-
-
-@numba.njit(cache=True, inline="always", error_model="numpy")
-def _valid_outputs(offset, stride, size, outputs):
-    """The range [q0, q1) of outputs q with ``0 <= q·stride + offset < size``."""
-    q0 = 0 if offset >= 0 else (-offset + stride - 1) // stride
-    last = size - 1 - offset
-    q1 = 0 if last < 0 else min(outputs, last // stride + 1)
-    return q0, max(q0, q1)
 
 
 #: Rows shorter than this are copied by one loop with a bounds test per element.
