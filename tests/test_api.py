@@ -148,30 +148,31 @@ def test_problem_counts_flops_and_bytes() -> None:
 CASE = ConvCase(2, 3, 16, 8, (64, 60), (3, 3), stride=1, padding=1, groups=2)
 
 
-def _run_all(case: ConvCase, workspace_mb: int):
+def _run_all(case: ConvCase, workspace_mb: int, dtype: str = "float32"):
     rng = np.random.default_rng(5)
-    x = make_array(rng, case.x_shape(), "float32")
-    w = make_array(rng, case.w_shape(), "float32")
-    g = make_array(rng, case.y_shape(), "float32")
+    x = make_array(rng, case.x_shape(), dtype)
+    w = make_array(rng, case.w_shape(), dtype)
+    g = make_array(rng, case.y_shape(), dtype)
     with convgrad.config(workspace_mb=workspace_mb):
         return (x, w, g), (convgrad.conv2d(x, w, **case.kwargs()),
                            convgrad.conv2d_input(x.shape, w, g, **case.kwargs()),
                            convgrad.conv2d_weight(x, w.shape, g, **case.kwargs()))
 
 
-def test_numpy_backend_chunks_and_falls_back_to_shift_gemm_exactly() -> None:
-    """A 1 MiB cap forces per-tap (shift-GEMM) chunking; results stay exact."""
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_numpy_backend_chunks_and_falls_back_to_shift_gemm_exactly(dtype) -> None:
+    """A 1 MiB cap forces per-tap (shift-GEMM) chunking; results stay exact in every dtype."""
     from convgrad.backends.numpy_backend import _Plan
 
     with convgrad.config(workspace_mb=1):
-        plan = _Plan(CASE.problem(), CASE.K // CASE.groups)
+        plan = _Plan(CASE.problem(dtype), CASE.K // CASE.groups)
     assert plan.batch == 1 and 1 <= plan.tap_chunk < 9, "the case must need tap chunking"
-    (x, w, g), results = _run_all(CASE, 1)
-    problem = CASE.problem()
+    (x, w, g), results = _run_all(CASE, 1, dtype)
+    problem = CASE.problem(dtype)
     x5, w5, g5 = (a[:, :, None] for a in (x, w, g))  # logical 5-D views of the 2-D problem
     for result, expected in zip(results, (reference_forward(x5, w5, problem), reference_grad_input(g5, w5, problem),
                                           reference_grad_weight(x5, g5, problem))):
-        assert_close(result[:, :, None], expected, "float32", exact=True)
+        assert_close(result[:, :, None], expected, dtype, exact=True)
 
 
 @pytest.mark.parametrize("groups", [1, 64], ids=["dense", "depthwise"])
