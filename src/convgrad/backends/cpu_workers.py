@@ -7,6 +7,8 @@ machine with few cores, OpenBLAS's worker threads then busy-wait beside that sin
 work and slow it down (on two cores, im2col took twice as long while they spun).  Here the
 chunks are instead dealt out to ``threads`` threads, every piece of work of a chunk runs on
 its thread, and BLAS is held to one thread for the duration, so no BLAS pool wakes at all.
+The caller decides when that pays (the ``numpy`` backend: only for GEMMs with short
+reductions; with long ones OpenBLAS's own threads split the GEMM as well).
 
 Chunk ``i`` of ``count`` goes to thread ``i * threads // count`` (contiguous blocks, the
 first on the calling thread): which thread computes what depends only on the problem and

@@ -13,9 +13,10 @@ where a tap falls in the padding; dgrad's col2im is the same loops' adjoint.  Py
 run only over chunks, groups and kernel taps, never over output pixels.  Chunking keeps the
 temporaries (``col``, the GEMM result) under the workspace cap (``CONVGRAD_WORKSPACE_MB``,
 default 256 MiB): first over the batch, and when one image's full im2col would not fit,
-over kernel taps as well, down to one tap at a time (shift-GEMM).  Large chunks run side by
-side on the CPU's cores, each with one-thread BLAS (``cpu_workers``); the compiled loops
-release the GIL, so their copies overlap too.  Depthwise convolutions skip the GEMM:
+over kernel taps as well, down to one tap at a time (shift-GEMM).  Large chunks of GEMMs with
+short reductions (a network's stem) run side by side on the CPU's cores, each with one-thread
+BLAS (``cpu_workers``, see ``_planned``); the compiled loops release the GIL, so their copies
+overlap too.  Depthwise convolutions skip the GEMM:
 Numba-compiled direct loops (``cpu_kernels``) compute them in the caller's layout.
 
 16-bit inputs are widened to float32 while building ``col`` and the result is rounded
@@ -103,7 +104,8 @@ class _Plan:
         padded = math.prod(n + b + a for n, b, a in zip(problem.input_size, problem.pad_before, problem.pad_after))
         cg = problem.C_per_group if in_channels is None else in_channels
         cap = _workspace_bytes() // max(1, workers)
-        # Bytes one image needs: its padded input, one tap's rows of col, and the GEMM result.
+        # Bytes one image needs: its input (counted at its padded size: an upper bound for the
+        # widened copy of 16-bit inputs), one tap's rows of col, and the GEMM result.
         per_image_fixed = self.itemsize * (cg * padded + out_channels * spatial_out)
         per_image_tap = self.itemsize * cg * spatial_out
         full_image = per_image_fixed + per_image_tap * len(self.taps)
@@ -144,10 +146,10 @@ _SIDE_BY_SIDE_MIN_MACS = 64 * 2**20
 
 def _planned(problem: ConvProblem, out_channels: int, in_channels: int | None = None) -> tuple[_Plan, int]:
     """The chunking for ``problem`` and how many threads run its chunks side by side."""
-    threads = cpu_workers.thread_count()
     cg = problem.C_per_group if in_channels is None else in_channels
     rows = cg * math.prod(problem.kernel_size)
-    if threads > 1 and rows <= _SIDE_BY_SIDE_MAX_ROWS:
+    threads = cpu_workers.thread_count() if rows <= _SIDE_BY_SIDE_MAX_ROWS else 1
+    if threads > 1:
         plan = _Plan(problem, out_channels, in_channels, workers=threads)
         macs = out_channels * rows * plan.batch * math.prod(problem.output_size)
         if macs >= _SIDE_BY_SIDE_MIN_MACS and len(plan.chunks()) > 1:
@@ -178,6 +180,21 @@ def _each(chunk: Callable[[tuple[int, slice]], None]) -> Callable[[list[tuple[in
     return work
 
 
+def _add_by_group(totals: dict[int, np.ndarray], parts: Iterator[tuple[int, np.ndarray]]) -> dict[int, np.ndarray]:
+    """Add each (group, array) part into ``totals[group]`` in the order given (the first part is taken as it is)."""
+    for g, part in parts:
+        if g in totals:
+            totals[g] += part
+        else:
+            totals[g] = part
+    return totals
+
+
+def _tap_array(taps: list[tuple[int, int, int]]) -> np.ndarray:
+    """Taps as the compiled loops take them: (L, 3) int64, one (t, r, s) per row."""
+    return np.array(taps, np.int64).reshape(-1, 3)
+
+
 # Temporaries up to this size are kept per thread and reused by the next call.  Freshly
 # allocated large buffers come from mmap, and their first touch page-faults page by page:
 # that alone made the same layer up to 40% slower depending on allocation history.
@@ -206,8 +223,8 @@ def _columns(x: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int
     """im2col of the (unpadded) input chunk ``x`` (n, c, D, H, W) for ``taps``, by the compiled loops.
 
     Batch folded into the columns: (c·len(taps), n·Z·P·Q); ``per_image``: one matrix per
-    image, (n, c·len(taps), Z·P·Q).  Rows ordered (c, tap).  16-bit inputs are widened to float32 first.  An unpadded 1×1 convolution per image
-    is a view of the input, without a copy.
+    image, (n, c·len(taps), Z·P·Q).  Rows ordered (c, tap).  16-bit inputs are widened to
+    float32 first.  An unpadded 1×1 convolution per image is a view of the input, no copy.
     """
     acc = _accumulator(problem)
     n, c = x.shape[:2]
@@ -220,8 +237,8 @@ def _columns(x: np.ndarray, problem: ConvProblem, taps: list[tuple[int, int, int
         x = widened
     rows = c * len(taps)
     col = _scratch("col", (n, rows, *problem.output_size) if per_image else (rows, n, *problem.output_size), acc)
-    cpu_im2col.im2col(x, col, np.array(taps, np.int64).reshape(-1, 3), not per_image, problem.stride,
-                      problem.dilation, problem.pad_before)
+    cpu_im2col.im2col(x, col, _tap_array(taps), not per_image, problem.stride, problem.dilation,
+                      problem.pad_before)
     return col.reshape(n, rows, spatial) if per_image else col.reshape(rows, n * spatial)
 
 
@@ -347,18 +364,15 @@ class NumpyBackend(Backend):
             nb = dY.shape[1] // math.prod(problem.output_size)
             target = out[batch, cs]
             dx = target if target.dtype == acc else _scratch("dx", target.shape, acc)
-            partial = None
-            for taps in plan.tap_groups():
+            for index, taps in enumerate(plan.tap_groups()):
                 dcol = _matmul(_weight_matrix(w[ks], taps, problem).T, dY)
-                # col2im: each tap's rows go back to the input positions that tap read.
-                into = dx if partial is None else _scratch("dx_taps", dx.shape, acc)
-                cpu_im2col.col2im(dcol.reshape(Cg * len(taps), nb, *problem.output_size), into,
-                                  np.array(taps, np.int64).reshape(-1, 3), True, problem.stride, problem.dilation,
-                                  problem.pad_before)
-                if partial is None:
-                    partial = dx
-                else:
-                    partial += into
+                # col2im: each tap's rows go back to the input positions that tap read; a later
+                # group of taps (shift-GEMM) is scattered apart and added.
+                into = dx if index == 0 else _scratch("dx_taps", dx.shape, acc)
+                cpu_im2col.col2im(dcol.reshape(Cg * len(taps), nb, *problem.output_size), into, _tap_array(taps),
+                                  True, problem.stride, problem.dilation, problem.pad_before)
+                if index:
+                    dx += into
             if dx is not target:
                 np.copyto(target, dx, casting="unsafe")
 
@@ -412,24 +426,13 @@ class NumpyBackend(Backend):
             return g, dw
 
         def summed(pieces: list[tuple[int, slice]]) -> dict[int, np.ndarray]:
-            sums: dict[int, np.ndarray] = {}
-            for piece in pieces:
-                g, dw = chunk(piece)
-                if g in sums:
-                    sums[g] += dw
-                else:
-                    sums[g] = dw
-            return sums
+            return _add_by_group({}, (chunk(piece) for piece in pieces))
 
         # Each block sums its chunks in batch order, then the blocks are added in order: a
         # fixed summation order for a given thread count.
         totals: dict[int, np.ndarray] = {}
         for sums in _run_chunks(summed, plan, threads):
-            for g, dw in sums.items():
-                if g in totals:
-                    totals[g] += dw
-                else:
-                    totals[g] = dw
+            _add_by_group(totals, iter(sums.items()))
         for g, dw in totals.items():
             ks = slice(g * Kg, (g + 1) * Kg)
             np.copyto(out[ks], dw.reshape(Kg, Cg, *problem.kernel_size), casting="unsafe")
